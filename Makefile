@@ -1,0 +1,34 @@
+# Two commands do all the set-up (see README.md):
+#   make course  - install and open the course in JupyterLab, on the embedded model
+#   make test    - install and run every check: notebooks/library sync, every notebook, every test
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+TORCH ?= torch>=2.6
+
+.PHONY: install course test sync lint-sync bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+course: install
+	cd nbs && ../$(BIN)/jupyter lab
+
+sync:
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+	@git status --porcelain -- nbs sd_intro | grep . && { echo "Notebooks and sd_intro/ are out of sync or unclean: run nbdev_export and nbdev_clean, then commit"; git diff --stat; exit 1; } || echo "sync check: notebooks and library agree"
+
+test: install sync
+	$(BIN)/python -m pytest tests -v --durations=15
+
+bench: install
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) _docs _proc
