@@ -1,0 +1,222 @@
+"Public API of sd_intro.core: grids, devices, loading (embedded and local 'real' checkpoints), seeding, settings."
+import json, os, shutil, warnings
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd_intro
+from sd_intro.core import (EMBEDDED_MODEL, image_grid, choose_dtype, resolve_model, load_pipeline, generate, save_image,
+                           read_settings, replay, parse_parameters, format_parameters, seeds_for, scheduler_for,
+                           _has_fp16_variant, _LOADED)
+
+
+def tiles(n, size=(8, 8)): return [Image.new('RGB', size, (i * 20 % 255, 0, 0)) for i in range(n)]
+
+
+# --- image_grid ---------------------------------------------------------------------------------
+def test_grid_infers_missing_dimension_and_leaves_last_row_empty():
+    g = image_grid(tiles(5), cols=3)
+    assert g.size == (24, 16)
+    assert g.getpixel((20, 12)) == (255, 255, 255)   # the 6th tile is empty
+    assert image_grid(tiles(6), rows=2).size == (24, 16)
+    assert image_grid(tiles(4)).size == (16, 16)     # as square as possible
+
+
+def test_grid_labels_add_a_strip_under_each_tile():
+    g = image_grid(tiles(2, (32, 32)), labels=['1.1', '14'])
+    assert g.size == (64, 46)
+    strip = np.asarray(g)[33:, :32]
+    assert (strip < 128).any(), "the label text was not drawn"
+
+
+@pytest.mark.parametrize('imgs,kw,msg', [([], {}, 'imgs is empty'),
+                                         (tiles(1) + tiles(1, (4, 4)), {}, 'mixed sizes'),
+                                         (tiles(5), dict(rows=2, cols=2), 'too small'),
+                                         (tiles(2), dict(labels=['a']), 'one label per image')])
+def test_grid_bad_input(imgs, kw, msg):
+    with pytest.raises(ValueError, match=msg): image_grid(imgs, **kw)
+
+
+# --- devices and dtypes -------------------------------------------------------------------------
+def test_dtype_by_device():
+    assert choose_dtype('cpu') == ('cpu', torch.float32)
+    assert choose_dtype('mps') == ('mps', torch.float32)
+    assert choose_dtype('cuda') == ('cuda', torch.float16)
+    assert choose_dtype('cpu', 'bf16') == ('cpu', torch.bfloat16)
+
+
+def test_fp16_on_cpu_is_a_clear_error_not_a_torch_crash():
+    with pytest.raises(ValueError, match=r"float16 on device='cpu'.*dtype=torch.float32"):
+        load_pipeline(device='cpu', dtype=torch.float16)
+
+
+# --- resolving and loading ----------------------------------------------------------------------
+def test_model_resolution_order(monkeypatch):
+    assert resolve_model() == EMBEDDED_MODEL == sd_intro.EMBEDDED_MODEL
+    monkeypatch.setenv('SD_INTRO_MODEL', '/some/folder')
+    assert resolve_model() == '/some/folder'
+    assert resolve_model('x/y') == 'x/y'
+
+
+def test_deleted_runwayml_id_maps_to_mirror():
+    with pytest.warns(UserWarning, match='deleted'):
+        assert resolve_model('runwayml/stable-diffusion-v1-5') == 'stable-diffusion-v1-5/stable-diffusion-v1-5'
+
+
+def test_embedded_pipeline_loads_fast_and_is_a_real_sd_pipeline(pipe):
+    from diffusers import StableDiffusionPipeline
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert Path(EMBEDDED_MODEL, 'model_index.json').exists()
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == 'cpu'
+
+
+def test_img2img_reuses_loaded_components(pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    i2i = load_pipeline(pipe, kind='img2img')
+    assert isinstance(i2i, StableDiffusionImg2ImgPipeline)
+    assert i2i.unet is pipe.unet and i2i.vae is pipe.vae and i2i.text_encoder is pipe.text_encoder
+    i2i_again = load_pipeline(kind='img2img')       # by name: served from the loaded txt2img, no second load
+    assert i2i_again.unet is load_pipeline().unet
+
+
+def test_bad_kind(pipe):
+    with pytest.raises(ValueError, match="kind='inpaint'"): load_pipeline(kind='inpaint')
+
+
+def test_missing_local_folder_says_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match='model_index.json'):
+        load_pipeline(str(tmp_path / 'nothing-here'))
+
+
+def test_missing_hub_model_offline_names_model_and_fix(monkeypatch):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    with pytest.raises(OSError, match=r"'someone/not-cached-model'.*huggingface-cli download someone/not-cached-model"):
+        load_pipeline('someone/not-cached-model')
+
+
+@pytest.fixture(scope='module')
+def local_checkpoint(tmp_path_factory):
+    "A 'real' checkpoint on a local folder: the embedded model saved with an fp16 variant and a safety checker."
+    from transformers import CLIPConfig, CLIPImageProcessor
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    d = tmp_path_factory.mktemp('ckpt') / 'tiny-sd'
+    base = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                                        image_size=64, patch_size=16), projection_dim=32)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():   # flag everything: every concept threshold far below any similarity
+        checker.concept_embeds_weights.fill_(-10.); checker.special_care_embeds_weights.fill_(-10.)
+    fe = CLIPImageProcessor(size={'shortest_edge': 64}, crop_size={'height': 64, 'width': 64})
+    pipe = StableDiffusionPipeline(**{**base.components, 'safety_checker': checker, 'feature_extractor': fe},
+                                   requires_safety_checker=True)
+    pipe.save_pretrained(d, safe_serialization=True)
+    pipe.to(torch.float16).save_pretrained(d, safe_serialization=True, variant='fp16')
+    return str(d)
+
+
+def test_local_checkpoint_loads_keeps_its_safety_checker_and_reports_blanked_images(local_checkpoint):
+    assert _has_fp16_variant(local_checkpoint)
+    assert not _has_fp16_variant(EMBEDDED_MODEL)
+    pipe = load_pipeline(local_checkpoint)
+    assert pipe.safety_checker is not None
+    with pytest.warns(UserWarning, match='safety checker blanked 2 of 2'):
+        res = generate(pipe, 'a red circle', seed=[1, 2], num_inference_steps=2)
+    assert res.nsfw == [True, True] and all(s['nsfw'] for s in res.settings)
+    assert np.asarray(res[0]).max() == 0    # blanked: black, and now reported
+
+
+def test_bin_only_checkpoint_is_refused_with_the_fix(tmp_path, local_checkpoint):
+    d = tmp_path / 'bin-only'
+    shutil.copytree(local_checkpoint, d)
+    for f in d.glob('*/*.safetensors'): f.unlink()
+    (d / 'unet' / 'diffusion_pytorch_model.bin').write_bytes(b'not really a pickle')
+    with pytest.raises((ValueError, FileNotFoundError, OSError), match='safetensors'):
+        load_pipeline(str(d))
+
+
+# --- seeded generation --------------------------------------------------------------------------
+def test_seed_gives_same_image_whatever_batch_size_or_position(pipe):
+    alone = np.asarray(generate(pipe, 'a blue star', seed=5, num_inference_steps=5)[0], int)
+    batch = generate(pipe, 'a blue star', seed=[9, 5, 7], num_inference_steps=5)
+    assert np.abs(np.asarray(batch[1], int) - alone).max() <= 2
+    assert np.abs(np.asarray(batch[0], int) - alone).max() > 2   # another seed is another image
+
+
+def test_generate_returns_settings_of_each_image(pipe):
+    res = generate(pipe, ['a red circle', 'a green square'], seed=3, negative_prompt='blue', num_inference_steps=4,
+                   guidance_scale=5.0)
+    assert len(res) == 2 and [s['seed'] for s in res.settings] == [3, 4]
+    s = res.settings[1]
+    assert s | dict(prompt='a green square', negative_prompt='blue', steps=4, guidance_scale=5.0, width=64, height=64,
+                    sampler='DDIM', model=EMBEDDED_MODEL, nsfw=False) == s
+
+
+@pytest.mark.parametrize('kw,msg', [(dict(seed=[1, 2], n=3), 'one seed per image'),
+                                    (dict(num_inference_steps=0), 'num_inference_steps=0'),
+                                    (dict(guidance_scale=-1.0), 'guidance_scale=-1.0 is negative'),
+                                    (dict(n=3, prompt=['a', 'b']), 'n=3 but 2 prompts')])
+def test_generate_bad_input(pipe, kw, msg):
+    kw = {'prompt': 'a red circle', **kw}
+    with pytest.raises(ValueError, match=msg): generate(pipe, **kw)
+
+
+def test_guidance_at_most_one_warns_that_negative_prompt_is_dropped(pipe):
+    with pytest.warns(UserWarning, match="negative_prompt='red' is ignored"):
+        generate(pipe, 'a circle', negative_prompt='red', guidance_scale=1.0, num_inference_steps=2)
+
+
+# --- settings in PNGs ---------------------------------------------------------------------------
+def test_save_read_replay_roundtrip(pipe, tmp_path):
+    res = generate(pipe, 'a yellow triangle on a black background', seed=11, negative_prompt='red',
+                   num_inference_steps=6, guidance_scale=6.0)
+    p = save_image(res[0], tmp_path / 'x.png', res.settings[0])
+    s = read_settings(p)
+    assert s['seed'] == 11 and s['negative_prompt'] == 'red' and s['steps'] == 6 and s['sampler'] == 'DDIM'
+    assert 'Steps: 6, Sampler: DDIM, CFG scale: 6.0, Seed: 11, Size: 64x64' in Image.open(p).info['parameters']
+    assert np.array_equal(np.asarray(replay(p, pipe)), np.asarray(res[0]))
+
+
+def test_replay_swaps_the_scheduler_and_restores_it(pipe):
+    res = generate(pipe, 'a red star', seed=1, num_inference_steps=4)
+    s = dict(res.settings[0], sampler='Euler')
+    before = type(pipe.scheduler)
+    img = replay(s, pipe)
+    assert type(pipe.scheduler) is before
+    assert not np.array_equal(np.asarray(img), np.asarray(res[0]))   # Euler makes another image
+
+
+def test_reads_automatic1111_parameters():
+    text = ('a wolf\nNegative prompt: blurry, low quality\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, '
+            'Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0')
+    s = parse_parameters(text)
+    assert s == dict(prompt='a wolf', negative_prompt='blurry, low quality', steps=20, sampler='Euler a',
+                     guidance_scale=7.0, seed=42, width=512, height=768, model='v1-5-pruned-emaonly')
+    assert scheduler_for(s['sampler']).__name__ == 'EulerAncestralDiscreteScheduler'
+
+
+def test_save_image_bad_paths_lose_nothing(tmp_path):
+    img = Image.new('RGB', (8, 8))
+    with pytest.raises(ValueError, match='use a .png name'): save_image(img, tmp_path / 'x.jpg', {})
+    with pytest.raises(FileNotFoundError, match='create it first'): save_image(img, tmp_path / 'no' / 'x.png', {})
+    (tmp_path / 'keep.png').write_bytes(b'old')
+
+    class Broken(Image.Image):
+        def save(self, *a, **k): raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'): save_image(Broken(), tmp_path / 'keep.png', {})
+    assert (tmp_path / 'keep.png').read_bytes() == b'old'       # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ['keep.png']  # and no temp file is left
+
+
+def test_read_settings_of_plain_png(tmp_path):
+    Image.new('RGB', (4, 4)).save(tmp_path / 'plain.png')
+    with pytest.raises(ValueError, match="no 'parameters' text chunk"): read_settings(tmp_path / 'plain.png')
+
+
+def test_public_names_are_reexported():
+    for name in ['load_pipeline', 'EMBEDDED_MODEL', 'image_grid', 'generate', 'save_image', 'read_settings', 'replay']:
+        assert hasattr(sd_intro, name), name
