@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {'load_pipeline': 'core', 'EMBEDDED_MODEL': 'core', 'image_grid': 'core', 'generate': 'core',
            'save_image': 'core', 'read_settings': 'core', 'replay': 'core', 'Generation': 'core',
-           'guidance_sweep': 'guidance', 'load_image': 'img2img', 'judge': 'shapes'}
+           'guidance_sweep': 'guidance', 'load_image': 'img2img', 'judge': 'shapes', 'playground': 'widgets'}
 __all__ = list(_PUBLIC)
 
 
