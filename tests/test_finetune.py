@@ -1,0 +1,258 @@
+"Fine-tuning (sd_intro.finetune): data checks, full and LoRA runs on the embedded model, checkpoints, resume, the CLI."
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd_intro.finetune as ft
+from sd_intro.core import EMBEDDED_MODEL, load_pipeline
+
+FAST = dict(batch_size=4, lr=1e-3, progress=False)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return ft.write_shapes_folder(tmp_path_factory.mktemp('data') / 'creatures', n_new=12, n_old=4, seed=3)
+
+
+@pytest.fixture(scope='module')
+def data(folder):
+    return ft.load_captioned(folder)
+
+
+def fresh_pipeline():
+    "A pipeline of its own (load_pipeline's is shared, and load_lora_weights changes the pipeline it is given)."
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def image(pipe, prompt='a red creature on a blue background'):
+    "One picture as floats, straight from the pipeline (no rounding to 8 bits), with a fixed seed."
+    return pipe(prompt, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type='np').images[0]
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+def test_folder_loads_with_captions(data):
+    assert len(data) == 16
+    assert all(c.strip() for c in data.captions)
+    assert data.image(0).size == (64, 64) and data.image(0).mode == 'RGB'
+    new = [data.captions[i] for i in range(len(data)) if data.where(i).startswith('new')]
+    assert len(new) == 12 and all('creature' in c for c in new)
+
+
+def _folder(tmp_path, name, n=3):
+    d = ft.write_shapes_folder(tmp_path / name, n_new=n, n_old=0)
+    return d, [json.loads(l) for l in (d / 'metadata.jsonl').read_text().splitlines()]
+
+
+def _rewrite(d, rows): (d / 'metadata.jsonl').write_text('\n'.join(map(json.dumps, rows)) + '\n')
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match=r'empty: the folder is empty \(no png'): ft.load_captioned(tmp_path / 'empty')
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no such folder'): ft.load_captioned(tmp_path / 'nowhere')
+
+
+def test_no_metadata(tmp_path):
+    d, rows = _folder(tmp_path, 'nometa'); (d / 'metadata.jsonl').unlink()
+    with pytest.raises(ValueError, match='no metadata.jsonl, so no captions'): ft.load_captioned(d)
+
+
+def test_blank_caption_names_file_and_line(tmp_path):
+    d, rows = _folder(tmp_path, 'blank'); rows[1]['text'] = ' '; _rewrite(d, rows)
+    with pytest.raises(ValueError, match=rf"{rows[1]['file_name']}: blank caption \(line 2 of metadata.jsonl\)"): ft.load_captioned(d)
+
+
+def test_missing_caption_field_names_file(tmp_path):
+    d, rows = _folder(tmp_path, 'missing'); del rows[0]['text']; _rewrite(d, rows)
+    with pytest.raises(ValueError, match=rf"{rows[0]['file_name']}: no caption \(line 1 of metadata.jsonl has no 'text'"): ft.load_captioned(d)
+
+
+def test_image_without_metadata_line(tmp_path):
+    d, rows = _folder(tmp_path, 'unlisted'); _rewrite(d, rows[:2])
+    with pytest.raises(ValueError, match=rf"{rows[2]['file_name']}: no caption \(the image is not listed"): ft.load_captioned(d)
+
+
+def test_listed_file_missing(tmp_path):
+    d, rows = _folder(tmp_path, 'gone'); (d / rows[1]['file_name']).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{rows[1]['file_name']}: listed on line 2 of metadata.jsonl, but there is no such file"):
+        ft.load_captioned(d)
+
+
+def test_unreadable_image_names_file(tmp_path):
+    d, rows = _folder(tmp_path, 'broken'); (d / rows[2]['file_name']).write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    with pytest.raises(ValueError, match=rf"{rows[2]['file_name']}: not a readable image"): ft.load_captioned(d)
+
+
+def test_bad_json_line(tmp_path):
+    d, rows = _folder(tmp_path, 'json'); (d / 'metadata.jsonl').write_text('{"file_name": "new-0000.png", "text": "a"\n')
+    with pytest.raises(ValueError, match=r'metadata.jsonl line 1: not valid JSON'): ft.load_captioned(d)
+
+
+def test_wrong_caption_column_of_folder(tmp_path):
+    d, rows = _folder(tmp_path, 'col')
+    with pytest.raises(ValueError, match=r"caption_column='caption' is not a field of .*metadata.jsonl: its fields are \['file_name', 'text'\]"):
+        ft.load_captioned(d, caption_column='caption')
+
+
+@pytest.fixture(scope='module')
+def dataset(data):
+    import datasets
+    return datasets.Dataset.from_dict({'img': [data.image(i) for i in range(3)], 'caption': ['a red creature', 'a creature', 'a star']})
+
+
+def test_dataset_with_own_column_names(dataset):
+    d = ft.load_captioned(dataset, image_column='img', caption_column='caption')
+    assert len(d) == 3 and d[1][1] == 'a creature' and d[1][0].size == (64, 64)
+
+
+@pytest.mark.parametrize('kw, msg', [
+    (dict(), r"image_column='image' is not a column of the dataset: its columns are \['img', 'caption'\]"),
+    (dict(image_column='img'), r"caption_column='text' is not a column of the dataset: its columns are \['img', 'caption'\]"),
+    (dict(image_column='caption', caption_column='caption'), r"row 0 of the dataset: column 'caption' holds 'a red creature', which is neither an image"),
+])
+def test_dataset_wrong_columns(dataset, kw, msg):
+    with pytest.raises(ValueError, match=msg): ft.load_captioned(dataset, **kw)
+
+
+def test_dataset_blank_and_empty(dataset):
+    blank = dataset.map(lambda r, i: {'caption': None if i == 2 else r['caption']}, with_indices=True)
+    with pytest.raises(ValueError, match="row 2 of the dataset: blank caption in column 'caption'"):
+        ft.load_captioned(blank, image_column='img', caption_column='caption')
+    with pytest.raises(ValueError, match='the dataset is empty'):
+        ft.load_captioned(dataset.select([]), image_column='img', caption_column='caption')
+
+
+def test_dataset_unreadable_image():
+    import datasets
+    ds = datasets.Dataset.from_dict({'image': [{'bytes': b'not a png', 'path': None}], 'text': ['a creature']},
+                                    features=datasets.Features({'image': datasets.Image(), 'text': datasets.Value('string')}))
+    with pytest.raises(ValueError, match='row 0 of the dataset: not a readable image'): ft.load_captioned(ds)
+
+
+def test_batches_repeat_and_cover_the_data(data):
+    a, b = ft.training_batch(data, 5, 4, 64, seed=1, random_flip=True), ft.training_batch(data, 5, 4, 64, seed=1, random_flip=True)
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert sorted(i for s in range(4) for i in ft.batch_indices(16, 4, s, seed=2)) == list(range(16))
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+def test_full_two_steps_save_and_reload(data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    res = ft.finetune(data, tmp_path / 'run', method='full', steps=2, ema=True, **FAST)
+    assert len(res.losses) == 2 and all(np.isfinite(res.losses))
+    assert res.saved == tmp_path / 'run' / 'pipeline' and (res.saved / 'model_index.json').exists()
+    back = StableDiffusionPipeline.from_pretrained(res.saved)
+    back.set_progress_bar_config(disable=True)
+    tuned, base = res.pipe.unet.state_dict(), load_pipeline().unet.state_dict()
+    for k, v in back.unet.state_dict().items(): assert torch.equal(v, tuned[k]), k
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # it did train
+    np.testing.assert_allclose(image(back), image(res.pipe), atol=1e-4)
+
+
+def test_lora_two_steps_save_and_reload(data, tmp_path):
+    res = ft.finetune(data, tmp_path / 'run', method='lora', rank=4, lora_alpha=8, steps=2, **FAST)
+    assert (res.saved / 'pytorch_lora_weights.safetensors').exists()
+    n = sum(p.numel() for n, p in res.pipe.unet.named_parameters() if 'lora' in n)
+    assert 0 < n < 0.05 * sum(p.numel() for p in load_pipeline().unet.parameters())
+    pipe = fresh_pipeline()
+    before = image(pipe)
+    pipe.load_lora_weights(res.saved)
+    after, tuned = image(pipe), image(res.pipe)
+    np.testing.assert_allclose(after, tuned, atol=1e-3)
+    assert np.abs(after - before).max() > 1e-4  # the adapter changes the picture
+
+
+def test_validation_before_checkpoints_after(data, tmp_path):
+    res = ft.finetune(data, tmp_path / 'run', method='lora', steps=3, checkpoint_every=2, validation_prompts=('a red creature', 'a star'),
+                      validation_seeds=(0, 1), validation_steps=3, **FAST)
+    assert sorted(res.validation) == [0, 2, 3] and all(len(v) == 4 for v in res.validation.values())
+    assert res.grid().size[0] == 4 * 64 and (tmp_path / 'run' / 'validation.png').exists()
+    assert [p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()] == ['step-000002']
+
+
+def test_resume_gives_the_same_losses(data, tmp_path):
+    kw = dict(method='full', steps=4, ema=True, random_flip=True, caption_dropout=0.2, **FAST)
+    whole = ft.finetune(data, tmp_path / 'whole', **kw)
+    part = ft.finetune(data, tmp_path / 'parts', stop_at=2, **kw)
+    assert part.saved is None and len(part.losses) == 2 and ft.latest_checkpoint(tmp_path / 'parts').name == 'step-000002'
+    rest = ft.finetune(data, tmp_path / 'parts', resume=True, **kw)
+    assert rest.losses == whole.losses
+    for (k, a), b in zip(whole.pipe.unet.state_dict().items(), rest.pipe.unet.state_dict().values()): assert torch.equal(a, b), k
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    kw = dict(method='lora', steps=3, checkpoint_every=1, **FAST)
+    whole = ft.finetune(data, tmp_path / 'whole', **kw)
+    real, calls = ft.save_file, []
+    def disk_full(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: half a file, then the disk is full
+            open(path, 'wb').write(b'half a safetensors file')
+            raise OSError(28, 'No space left on device')
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(ft, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left'): ft.finetune(data, tmp_path / 'crash', **kw)
+    monkeypatch.undo()
+    ckpts = tmp_path / 'crash' / 'checkpoints'
+    assert sorted(p.name for p in ckpts.iterdir()) == ['step-000001']  # no half-written step 2, no temporary folder
+    state, weights, _, _ = ft.load_checkpoint(ckpts / 'step-000001')
+    assert state['step'] == 1 and len(state['losses']) == 1 and weights
+    rest = ft.finetune(data, tmp_path / 'crash', resume=True, **kw)
+    assert rest.losses == whole.losses
+
+
+def test_resume_refuses_other_settings(data, tmp_path):
+    ft.finetune(data, tmp_path / 'run', method='lora', steps=3, stop_at=1, **FAST)
+    with pytest.raises(ValueError, match=r"cannot resume: .*'lr': \(0.001, 0.002\)"):
+        ft.finetune(data, tmp_path / 'run', method='lora', steps=3, resume=True, **{**FAST, 'lr': 2e-3})
+    with pytest.raises(FileExistsError, match='pass resume=True to continue it, overwrite=True'):
+        ft.finetune(data, tmp_path / 'run', method='lora', steps=3, **FAST)
+    res = ft.finetune(data, tmp_path / 'run', method='lora', steps=1, overwrite=True, **FAST)
+    assert res.saved is not None and not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_bad_settings():
+    with pytest.raises(TypeError, match=r"unknown fine-tuning settings \['step'\]"): ft.FinetuneConfig.make(step=3)
+    with pytest.raises(ValueError, match="method='dreambooth' is not one of"): ft.FinetuneConfig(method='dreambooth')
+    with pytest.raises(ValueError, match='stop_at=5: between 1 and steps=3'): ft.FinetuneConfig(steps=3, stop_at=5)
+
+
+def test_command_line(folder, tmp_path, capsys):
+    res = ft.main(['--data', str(folder), '--out', str(tmp_path / 'cli'), '--method', 'full', '--steps', '2',
+                   '--batch-size', '2', '--lr', '1e-4', '--ema', '--no-progress', '--no-check-images'])
+    assert res.config.method == 'full' and res.config.ema and res.config.lr == 1e-4 and len(res.losses) == 2
+    assert 'saved' in capsys.readouterr().out and (tmp_path / 'cli' / 'pipeline' / 'unet').exists()
+    cfg = json.loads((tmp_path / 'cli' / 'config.json').read_text())
+    assert cfg['batch_size'] == 2 and cfg['model'] == EMBEDDED_MODEL
+
+
+def test_recipes_are_valid_settings():
+    for name, r in ft.RECIPES.items():
+        cfg = ft.FinetuneConfig.make(**{k: v for k, v in r.items() if k not in ('model', 'data')})
+        assert cfg.resolution == 512 and cfg.mixed_precision == 'fp16', name
+    assert ft.RECIPES['pokemon-full']['ema'] and ft.RECIPES['pokemon-lora']['method'] == 'lora'
+
+
+def test_dataloader_workers_give_the_same_run(data, tmp_path):
+    kw = dict(method='lora', steps=2, random_flip=True, **FAST)
+    a = ft.finetune(data, tmp_path / 'a', **kw)
+    b = ft.finetune(data, tmp_path / 'b', num_workers=2, **kw)
+    assert a.losses == b.losses
+
+
+def test_other_precision_in_the_same_process(data, tmp_path):
+    "A notebook runs a float32 fine-tune, then one in bfloat16: accelerate's process-wide state must not refuse it."
+    a = ft.finetune(data, tmp_path / 'a', method='lora', steps=1, **FAST)
+    b = ft.finetune(data, tmp_path / 'b', method='lora', steps=1, mixed_precision='bf16', **FAST)
+    c = ft.finetune(data, tmp_path / 'c', method='lora', steps=1, mixed_precision='no', **FAST)
+    assert np.isfinite(b.losses[0]) and abs(b.losses[0] - a.losses[0]) < 0.05 and c.losses == a.losses
