@@ -3,7 +3,7 @@
 Writes a captioned imagefolder (creatures, plus some base-shape pictures mixed in against forgetting), fine-tunes the
 embedded model on it once per configuration, and measures with the judge:
   creature  share of "a <colour> creature on a <colour> background" pictures the judge reads as a creature
-            (target: about 0% before, >= 80% after)
+            (target: about 0% before, >= 80% after); (colour): share of them in the prompt's colour
   old       mean judged adherence (colour, shape, background) on the embedded model's fixed base-shape prompts
   retained  old after / old before (target: >= 90%)
 and the time of each fine-tune (target: <= 180 s on 2 CPU cores). Prints a table and writes it to
@@ -24,13 +24,14 @@ RESULTS = ROOT / 'bench' / 'results' / 'finetune.json'
 OUT = ROOT / 'bench' / 'out'
 BUDGET_S, NEW_TARGET, RETAIN_TARGET = 180, 0.80, 0.90
 
-# name: (settings, mix in old pictures?)  -- settings chosen to fit the 3-minute budget on 2 CPU cores
-RUNS = {
-    'full':        (dict(method='full', lr=3e-4, steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20), True),
-    'full+ema':    (dict(method='full', lr=3e-4, steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20, ema=True, ema_decay=0.995), True),
-    'lora':        (dict(method='lora', rank=16, lr=3e-3, steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20), True),
-    'lora+ema':    (dict(method='lora', rank=16, lr=3e-3, steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20, ema=True, ema_decay=0.995), True),
-    'full-no-old': (dict(method='full', lr=3e-4, steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20), False),
+COMMON = dict(steps=400, batch_size=32, lr_scheduler='cosine', warmup_steps=20)
+FULL, LORA = dict(COMMON, method='full', lr=1e-3), dict(COMMON, method='lora', rank=16, lr=3e-3, steps=300)
+RUNS = {  # name: (settings, mix in old pictures?); chosen to fit the 3-minute budget on 2 CPU cores
+    'full':        (FULL, True),
+    'full+ema':    (dict(FULL, ema=True, ema_decay=0.995), True),
+    'lora':        (LORA, True),
+    'lora+ema':    (dict(LORA, ema=True, ema_decay=0.995), True),
+    'full-no-old': (FULL, False),
 }
 VALIDATION = ('a red creature on a blue background', 'a striped yellow creature on a black background',
               'a white star on a green background', 'a blue circle on an orange background')
@@ -87,13 +88,13 @@ def main():
 
     print(f"\nFine-tuning the embedded model on {a.n_new} creatures (+{a.n_old} old pictures), {a.threads} threads, "
           f"{a.eval_n} judged pictures per measure at {a.eval_steps} steps")
-    print(f"{'run':<13}{'steps':>6}{'wall s':>8}{'CPU s':>7}{'loss':>15}{'creature':>10}{'old':>7}{'retained':>10}  targets")
-    if before: print(f"{'(base)':<13}{'':>6}{'':>8}{'':>7}{'':>15}{before['new']:>10.0%}{before['old']:>7.0%}")
+    print(f"{'run':<13}{'steps':>6}{'wall s':>8}{'CPU s':>7}{'loss':>15}{'creature':>10}{'(colour)':>9}{'old':>7}{'retained':>10}  targets")
+    if before: print(f"{'(base)':<13}{'':>6}{'':>8}{'':>7}{'':>15}{before['new']:>10.0%}{before['new_colour']:>9.0%}{before['old']:>7.0%}")
     for r in rows:
         ok = [min(r['wall'], r['cpu']) <= BUDGET_S] + ([r['new'] >= NEW_TARGET, r['retained'] >= RETAIN_TARGET] if before else [])
-        judged_cols = f"{r['new']:>10.0%}{r['old']:>7.0%}{r['retained']:>10.0%}" if before else f"{'(needs the judge)':>27}"
+        judged_cols = f"{r['new']:>10.0%}{r['new_colour']:>9.0%}{r['old']:>7.0%}{r['retained']:>10.0%}" if before else f"{'(needs the judge)':>36}"
         print(f"{r['name']:<13}{r['steps']:>6}{r['wall']:>8.0f}{r['cpu']:>7.0f}{r['loss_first']:>7.3f}->{r['loss_last']:<6.3f}{judged_cols}  "
-              f"{'ok' if all(ok) else 'MISSED'}")
+              f"{'ok' if all(ok) else 'MISSED' if r['old_pictures'] else 'no old pictures: the forgetting they prevent'}")
     print(f"wall s: the whole fine-tune (data, model, training, validation, saving); CPU s: its CPU time, all threads "
           f"(on a shared machine the better guide: one thread's CPU time bounds the wall time on free cores)")
     print(f"targets: fine-tune <= {BUDGET_S} s; creature >= {NEW_TARGET:.0%}; retained >= {RETAIN_TARGET:.0%} of the base model's old adherence")
