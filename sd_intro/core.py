@@ -5,6 +5,7 @@
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
 import inspect, os, re, warnings
+from contextlib import contextmanager
 import sd_intro
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 __all__ = ['EMBEDDED_MODEL', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device', 'choose_dtype',
            'resolve_model', 'load_pipeline', 'generators', 'seeds_for', 'scheduler_for', 'check_guidance', 'Generation',
            'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'save_image', 'read_settings',
-           'replay']
+           'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -251,8 +252,9 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
     if any(nsfw):
         warnings.warn(f"The safety checker blanked {sum(nsfw)} of {len(nsfw)} images (seeds "
                       f"{[s for s, f in zip(seeds, nsfw) if f]}); they are black, not failed generations.")
-    first = out.images[0]  # PIL by default; arrays or tensors with output_type='np'/'pt'
-    w, h = first.size if isinstance(first, Image.Image) else (first.shape[-2], first.shape[-3])  # np: H x W x C
+    first = out.images[0]  # PIL by default; H x W x C arrays with output_type='np', C x H x W tensors with 'pt'
+    w, h = (first.size if isinstance(first, Image.Image) else tuple(first.shape[-1:-3:-1]) if torch.is_tensor(first)
+            else (first.shape[-2], first.shape[-3]))
     settings = []
     for p, s, f in zip(prompts, seeds, nsfw):
         st = dict(prompt=p, negative_prompt=negative_prompt or '', seed=s, steps=num_inference_steps,
@@ -320,19 +322,28 @@ def read_settings(src: str | os.PathLike | Image.Image) -> dict:
     return parse_parameters(text)
 
 # %% ../nbs/00_core.ipynb #0ceb168c
+@contextmanager
+def replaying(pipe,            # the pipeline that will replay
+              settings: dict,  # recorded settings: their 'model' and 'sampler' are used
+              what: str = "These settings" # how the warning names the record
+             ):
+    "Warn if `settings` were made with another model; run the block with the scheduler they name, restored after."
+    model = pipe_defaults(pipe)['model']
+    if settings.get('model') and Path(str(settings['model'])).name != Path(str(model)).name:
+        warnings.warn(f"{what} were made with model {settings['model']!r}; replaying on {model!r} gives other pictures.")
+    old = pipe.scheduler
+    want = scheduler_for(settings['sampler']) if settings.get('sampler') else type(old)
+    if type(old) is not want: pipe.scheduler = want.from_config(old.config)
+    try: yield pipe
+    finally: pipe.scheduler = old
+
+# %% ../nbs/00_core.ipynb #2d33d6d4
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
            pipe                                          # the pipeline to run (its scheduler is swapped if needed)
           ) -> Image.Image:
     "Make the image described by `src` again."
     s = src if isinstance(src, dict) else read_settings(src)
-    model = pipe_defaults(pipe)['model']
-    if s.get('model') and Path(str(s['model'])).name != Path(str(model)).name:
-        warnings.warn(f"These settings were made with model {s['model']!r}; replaying on {model!r} gives another image.")
-    old = pipe.scheduler
-    want = scheduler_for(s['sampler']) if s.get('sampler') else type(old)
-    if type(old) is not want: pipe.scheduler = want.from_config(old.config)
-    try:
-        kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
+    kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
+    with replaying(pipe, s):
         return generate(pipe, s['prompt'], seed=s['seed'], negative_prompt=s.get('negative_prompt') or None,
                         num_inference_steps=s.get('steps', 50), guidance_scale=s.get('guidance_scale', 7.5), **kw)[0]
-    finally: pipe.scheduler = old

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 import sd_intro
 from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for,
-                           check_guidance, Generation, SAMPLER_NAMES)
+                           check_guidance, replaying, Generation, SAMPLER_NAMES)
 from .shapes import COLOURS
 
 # %% auto #0
@@ -450,12 +450,6 @@ def replay_chain(record: dict | str | os.PathLike, # a `Chain.record`, or the JS
     else: raise ValueError("replay_chain: the record neither embeds nor locates its start picture; pass start=")
     if _pixels_sha(img) != st['sha256']:
         warnings.warn("replay_chain: the start picture differs from the recorded one, so the pictures will differ too")
-    model = pipe_defaults(i2i)['model']
-    if record.get('model') and Path(str(record['model'])).name != Path(str(model)).name:
-        warnings.warn(f"replay_chain: recorded with model {record['model']!r}; replaying on {model!r} gives other pictures")
-    old = i2i.scheduler
-    want = scheduler_for(record['sampler']) if record.get('sampler') else type(old)
-    if type(old) is not want: i2i.scheduler = want.from_config(old.config)
-    try: gens = _run_hops(i2i, img, [_as_hop(h) for h in record['hops']])
-    finally: i2i.scheduler = old
+    with replaying(i2i, record, "replay_chain: the chain's pictures"):
+        gens = _run_hops(i2i, img, [_as_hop(h) for h in record['hops']])
     return Chain(img, gens, record)

@@ -220,3 +220,9 @@ def test_read_settings_of_plain_png(tmp_path):
 def test_public_names_are_reexported():
     for name in ['load_pipeline', 'EMBEDDED_MODEL', 'image_grid', 'generate', 'save_image', 'read_settings', 'replay']:
         assert hasattr(sd_intro, name), name
+
+
+@pytest.mark.parametrize('output_type', ['pil', 'np', 'pt'])
+def test_settings_record_width_and_height_for_every_output_type(pipe, output_type):
+    res = generate(pipe, 'a red circle', seed=0, num_inference_steps=2, height=64, width=96, output_type=output_type)
+    assert (res.settings[0]['width'], res.settings[0]['height']) == (96, 64)
