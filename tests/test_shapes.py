@@ -6,7 +6,8 @@ import torch
 
 from sd_intro.shapes import (COLOURS, BASE_SHAPES, HELD_OUT, SHAPES, STYLES, Scene, random_scene, render, caption,
                              parse_caption, make_dataset, judge, adherence, to_pil, JUDGE_PATH)
-from sd_intro.embedded import build_tokenizer, build_components, train_unet, WORLD_WORDS, assemble, cache_latents
+from sd_intro.embedded import (build_tokenizer, build_components, train_unet, WORLD_WORDS, assemble, cache_latents,
+                               noisy_scene, CAPTION_NOISE)
 
 needs_judge = pytest.mark.skipif(not JUDGE_PATH.exists(), reason='judge weights not trained yet')
 
@@ -36,6 +37,19 @@ def test_about_ten_percent_of_captions_are_empty_and_some_are_partial():
     assert any(p['colour'] is None and p['shape'] for p in parsed)        # "a star on a black background"
 
 
+
+def test_noisy_training_captions_err_at_the_set_rate_and_never_name_the_held_out_concept():
+    rng = random.Random(0)
+    _, scenes, _ = make_dataset(2000, seed=3)
+    noisy = [noisy_scene(sc, rng, 0.25) for sc in scenes]
+    caps = [caption(n, rng, 'full') for n in noisy]
+    assert not any(HELD_OUT in c for c in caps)
+    for attr in ('colour', 'shape', 'background', 'style'):
+        wrong = np.mean([getattr(n, attr) != getattr(sc, attr) for n, sc in zip(noisy, scenes)])
+        assert 0.21 < wrong < 0.29, (attr, wrong)
+    assert all(n.colour != n.background for n in noisy)
+    assert [noisy_scene(sc, rng, 0.0) for sc in scenes[:50]] == scenes[:50]
+
 @needs_judge
 def test_judge_reads_held_out_renders_at_least_98_percent():
     imgs, scenes, _ = make_dataset(400, seed=12345, shapes=SHAPES)
@@ -61,7 +75,8 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
     losses = []
     def log(s):
         if s.startswith('unet step'): losses.append(float(s.split()[4]))
-    train_unet(parts, tmp_path, steps=40, bs=16, lr=2e-3, n_images=64, eval_every=0, ckpt_every=20, log_every=1, log=log)
+    train_unet(parts, tmp_path, steps=40, bs=16, lr=2e-3, n_images=64, eval_every=0, ckpt_every=20, log_every=1,
+               caption_noise=CAPTION_NOISE, log=log)
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
     assert (tmp_path / 'unet_ckpt.pt').exists() and not list(tmp_path.glob('*.tmp'))
