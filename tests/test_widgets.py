@@ -213,3 +213,15 @@ def test_check_settings_directly(pipe):
     with pytest.raises(ValueError, match='Strength is 0'): check_settings({**ok, 'strength': 0})
     with pytest.raises(ValueError, match=r'raise the steps to at least 4'): check_settings({**ok, 'steps': 3, 'strength': 0.3})
     assert 'cut off' in check_settings({**ok, 'prompt': 'a red circle ' * 10}, pipe)[0]
+
+
+def test_a_real_checkpoint_with_a_safety_checker_runs_and_the_panel_reports_blanked_images(local_checkpoint):
+    from sd_intro.core import load_pipeline
+    p = playground(load_pipeline(local_checkpoint), steps=2, preview_every=0)
+    try:
+        assert 'tiny-sd on cpu' in p.panel.children[0].value   # the header names the checkpoint
+        assert p.generate(wait=True), p.message
+        assert p.message.startswith('Done in') and 'safety checker blanked 1 of 1' in p.message, p.message
+        assert len(p.history) == 1 and p.history[0].settings['nsfw'] is True
+    finally:
+        p.stop(); assert p.wait(60)
