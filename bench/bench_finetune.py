@@ -46,6 +46,7 @@ def main():
     ap.add_argument('--n-new', type=int, default=192, help='creature pictures')
     ap.add_argument('--n-old', type=int, default=64, help='base-shape pictures mixed in (the -no-old runs use none)')
     ap.add_argument('--steps', type=int, default=None, help='override every run\'s steps')
+    ap.add_argument('--full-lr', type=float, default=None, help='override the learning rate of the full fine-tunes')
     ap.add_argument('--eval-n', type=int, default=64, help='judged pictures per measure')
     ap.add_argument('--eval-steps', type=int, default=20)
     ap.add_argument('--threads', type=int, default=2)
@@ -70,6 +71,7 @@ def main():
         for name in a.runs:
             settings, mixed = RUNS[name]
             settings = dict(settings, steps=a.steps or settings['steps'])
+            if a.full_lr and settings['method'] == 'full': settings = dict(settings, lr=a.full_lr)
             t, c = time.time(), time.process_time()
             res = finetune(data[mixed], work / name, progress=False, validation_prompts=VALIDATION, validation_seeds=(0,),
                            checkpoint_every=max(1, settings['steps'] // 2), **settings)

@@ -159,3 +159,11 @@ def test_bench_gpu_smoke(tmp_path):
     assert all(row['max_dpx'] <= 2 for row in res['rows'] if row['config'] == 'fast')
     assert res['env']['torch'] == torch.__version__ and res['fast']['compile'].startswith('skipped')
     assert '| config | batch |' in r.stdout
+
+
+def test_playground_gpu_script_smoke():
+    "bench/playground_gpu.py (the playground at full size on a GPU) runs its checks; here on the CPU's embedded model."
+    import runpy, sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'bench' / 'playground_gpu.py'
+    assert runpy.run_path(str(script))['main'](['--smoke']) == 0
