@@ -374,7 +374,7 @@ def _run(self: Playground, s: dict, init, label: str, notes: list[str]):
         if init is not None: kw.update(image=init, strength=s['strength'])
         # catch_warnings is process-wide: warnings from other threads during the run also land in the panel
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
+            warnings.simplefilter('always', UserWarning)  # what the panel shows; others keep their filters
             g = generate(pipe, s['prompt'], seed=s['seed'], negative_prompt=s['negative_prompt'] or None,
                          num_inference_steps=s['steps'], guidance_scale=s['guidance_scale'], **kw)
         secs = time.monotonic() - t0

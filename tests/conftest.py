@@ -36,3 +36,10 @@ def local_checkpoint(tmp_path_factory):
     pipe.save_pretrained(d, safe_serialization=True)
     pipe.to(torch.float16).save_pretrained(d, safe_serialization=True, variant='fp16')
     return str(d)
+
+
+def pytest_configure(config):
+    # diffusers' schedulers call np.array / np.log on torch tensors; numpy 2 warns about torch's signatures (not ours)
+    config.addinivalue_line('filterwarnings',
+                            "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+    config.addinivalue_line('filterwarnings', "ignore:__array_wrap__ must accept context:DeprecationWarning")
