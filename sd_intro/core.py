@@ -16,10 +16,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
-__all__ = ['EMBEDDED_MODEL', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device', 'choose_dtype',
-           'resolve_model', 'load_pipeline', 'generators', 'seeds_for', 'scheduler_for', 'check_guidance', 'Generation',
-           'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'save_image', 'read_settings',
-           'replaying', 'replay']
+__all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
+           'choose_dtype', 'resolve_model', 'load_pipeline', 'generators', 'seeds_for', 'scheduler_for',
+           'check_guidance', 'Generation', 'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters',
+           'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -79,12 +79,14 @@ def choose_dtype(device: str | torch.device | None = None, # where the pipeline 
 
 # %% ../nbs/00_core.ipynb #b5bdd967
 EMBEDDED_MODEL = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-sd')
+EMBEDDED_NAME = 'embedded'  # what settings record for the embedded model: the same on every machine, unlike its path
 MOVED_MODELS = {'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5',
                 'runwayml/stable-diffusion-inpainting': 'stable-diffusion-v1-5/stable-diffusion-inpainting'}
 
 def resolve_model(model: str | os.PathLike | None = None) -> str:
-    "The model to load: `model`, else `$SD_INTRO_MODEL`, else the embedded model; deleted Hub ids map to their mirrors."
+    "The model to load: `model`, else `$SD_INTRO_MODEL`, else the embedded model ('embedded'); deleted Hub ids map to their mirrors."
     model = str(model) if model is not None else (os.environ.get('SD_INTRO_MODEL') or EMBEDDED_MODEL)
+    if model == EMBEDDED_NAME: return EMBEDDED_MODEL
     if model in MOVED_MODELS:
         warnings.warn(f"{model!r} was deleted from the Hugging Face Hub; loading its community mirror "
                       f"{MOVED_MODELS[model]!r} instead.")
@@ -161,7 +163,7 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
                              f"them (load once and `save_pretrained(..., safe_serialization=True)`).") from e
         raise _missing_model_error(model, e) from e
     pipe = pipe.to(device)
-    pipe.sd_intro_model = model
+    pipe.sd_intro_model = EMBEDDED_NAME if model == EMBEDDED_MODEL else model
     if fast:
         from sd_intro.speed import make_fast
         make_fast(pipe)
@@ -329,7 +331,8 @@ def replaying(pipe,            # the pipeline that will replay
              ):
     "Warn if `settings` were made with another model; run the block with the scheduler they name, restored after."
     model = pipe_defaults(pipe)['model']
-    if settings.get('model') and Path(str(settings['model'])).name != Path(str(model)).name:
+    key = lambda m: Path(EMBEDDED_MODEL if str(m) == EMBEDDED_NAME else str(m)).name  # older records hold the path
+    if settings.get('model') and key(settings['model']) != key(model):
         warnings.warn(f"{what} were made with model {settings['model']!r}; replaying on {model!r} gives other pictures.")
     old = pipe.scheduler
     want = scheduler_for(settings['sampler']) if settings.get('sampler') else type(old)

@@ -130,7 +130,7 @@ def test_generate_returns_settings_of_each_image(pipe):
     assert len(res) == 2 and [s['seed'] for s in res.settings] == [3, 4]
     s = res.settings[1]
     assert s | dict(prompt='a green square', negative_prompt='blue', steps=4, guidance_scale=5.0, width=64, height=64,
-                    sampler='DDIM', model=EMBEDDED_MODEL, nsfw=False) == s
+                    sampler='DDIM', model='embedded', nsfw=False) == s
 
 
 @pytest.mark.parametrize('kw,msg', [(dict(seed=[1, 2], n=3), 'one seed per image'),
@@ -203,3 +203,15 @@ def test_public_names_are_reexported():
 def test_settings_record_width_and_height_for_every_output_type(pipe, output_type):
     res = generate(pipe, 'a red circle', seed=0, num_inference_steps=2, height=64, width=96, output_type=output_type)
     assert (res.settings[0]['width'], res.settings[0]['height']) == (96, 64)
+
+
+def test_settings_name_the_embedded_model_portably_and_old_path_records_still_replay(pipe):
+    res = generate(pipe, 'a red circle', seed=3, num_inference_steps=4)
+    assert res.settings[0]['model'] == 'embedded' and resolve_model('embedded') == EMBEDDED_MODEL
+    old = dict(res.settings[0], model='/some/other/machine/site-packages/sd_intro/models/shapes-sd')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')          # a path recorded by an older version is the same model: no warning
+        again = replay(old, pipe)
+    assert np.array_equal(np.asarray(again), np.asarray(res[0]))
+    with pytest.warns(UserWarning, match='were made with model'):
+        replay(dict(res.settings[0], model='CompVis/stable-diffusion-v1-4'), pipe)

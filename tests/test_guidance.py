@@ -182,4 +182,4 @@ def test_local_checkpoint_folder(pipe, tmp_path):
     local = load_pipeline(str(tmp_path / 'sd'))
     ours = sample(local, PROMPT, seed=0, num_inference_steps=STEPS)
     assert px(ours.images, generate(pipe, PROMPT, seed=0, num_inference_steps=STEPS).images) == 0
-    assert ours.settings[0]['model'].endswith('sd')
+    assert ours.settings[0]['model'] == str(tmp_path / 'sd')   # a local checkpoint is recorded by its folder
