@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import inspect, os, re, warnings
+import inspect, os, re, shutil, warnings
 from contextlib import contextmanager
 import sd_intro
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
            'choose_dtype', 'resolve_model', 'load_pipeline', 'generators', 'seeds_for', 'scheduler_for',
            'check_guidance', 'Generation', 'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters',
-           'save_image', 'read_settings', 'replaying', 'replay']
+           'atomic_dir', 'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -295,6 +295,22 @@ def parse_parameters(text: str) -> dict:
         if k == 'Size': s['width'], s['height'] = map(int, v.split('x'))
         elif k in _KEYS: s[_KEYS[k][0]] = _KEYS[k][1](v)
     return s
+
+# %% ../nbs/00_core.ipynb #4afd0902
+@contextmanager
+def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if it exists)
+              ):
+    "Yield a temporary folder beside `dest`; if the block succeeds it replaces `dest`, if it fails it is removed."
+    dest = Path(dest); tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    if tmp.exists(): shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if dest.exists(): shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 # %% ../nbs/00_core.ipynb #94a3d4eb
 def save_image(img: Image.Image,  # the image

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from .shapes import (COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence)
+from .core import atomic_dir
 
 # %% auto #0
-__all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'CAPTION_NOISE', 'build_tokenizer',
-           'build_components', 'encode_text', 'train_text_encoder', 'train_vae', 'cache_latents', 'noisy_scene',
-           'diffusion_loss', 'EMA', 'quick_eval', 'assemble', 'train_unet', 'quality_prompts', 'judged_quality',
-           'guidance_curve', 'negative_prompt_effect', 'speed_report', 'make_embedded', 'main']
+__all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'UNET_STEPS', 'N_IMAGES',
+           'CAPTION_NOISE', 'build_tokenizer', 'build_components', 'encode_text', 'train_text_encoder', 'train_vae',
+           'cache_latents', 'noisy_scene', 'diffusion_loss', 'EMA', 'quick_eval', 'assemble', 'train_unet',
+           'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect', 'speed_report',
+           'make_embedded', 'main']
 
 # %% ../nbs/11_embedded.ipynb #112f6dbc
 EXTRA_WORDS = """the of and with in at by for to from is it this that picture photo photograph painting drawing image
@@ -174,9 +176,10 @@ def diffusion_loss(unet, scheduler, latents, cond, g=None, snr_gamma=5.0):
     n, dev = len(latents), latents.device  # noise and timesteps come from the CPU generator `g`: same on any device
     noise = torch.randn(latents.shape, generator=g).to(dev)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
-    noisy = scheduler.add_noise(latents, noise, t.to(dev))
-    pred = unet(noisy, t.to(dev), cond).sample
     ac = scheduler.alphas_cumprod[t].to(dev)
+    t = t.to(dev)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, cond).sample
     snr = ac / (1 - ac)
     w = torch.clamp(snr, max=snr_gamma) / snr
     return (w * F.mse_loss(pred, noise, reduction='none').mean((1, 2, 3))).mean()
@@ -217,7 +220,9 @@ def assemble(parts, unet=None):
                                    feature_extractor=None, requires_safety_checker=False)
 
 # %% ../nbs/11_embedded.ipynb #f15f3084
-def train_unet(parts, work, steps=5500, bs=64, lr=1e-3, n_images=40000, seed=0, ckpt_every=1000,
+UNET_STEPS, N_IMAGES = 5500, 40000  # the shipped run's UNet stage
+
+def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES, seed=0, ckpt_every=1000,
                eval_every=2000, log_every=100, caption_noise=0.0, device='cpu', log=print):
     "Train the UNet on cached latents; checkpoints in `work` make it resumable. Returns the EMA UNet (on the CPU)."
     work = Path(work); work.mkdir(parents=True, exist_ok=True)
@@ -338,29 +343,31 @@ def speed_report(model=None, repeats=5) -> dict:
 # %% ../nbs/11_embedded.ipynb #67446a8d
 CAPTION_NOISE = 0.15  # the shipped model's: see "Stage 3"
 
-def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge_steps=600, unet_steps=5500,
-                  n_images=40000, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print):
+def _stage(folder: Path, load, train):
+    "A stage's result: loaded from `folder` if an earlier run finished the stage, else `train()`ed and saved there whole."
+    if folder.exists(): return load(folder)
+    obj = train()
+    with atomic_dir(folder) as tmp: obj.save_pretrained(tmp)
+    return obj
+
+def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge_steps=600, unet_steps=UNET_STEPS,
+                  n_images=N_IMAGES, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print):
     "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`."
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTokenizer
     from diffusers import AutoencoderKL
     out = Path(out); work = Path(work or out.with_name(out.name + '_work')); work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The tokenizer is kept with the run: `tokenizers`' BPE trainer breaks ties between equally frequent pairs in a
     # run-dependent order, so a rebuilt one may number sub-word pieces differently from the one the text encoder learnt.
-    from transformers import CLIPTokenizer
-    if (work / 'tokenizer').exists(): tok = CLIPTokenizer.from_pretrained(work / 'tokenizer')
-    else: tok = build_tokenizer(); tok.save_pretrained(work / 'tokenizer')
-    parts = build_components(tok, seed=seed)
-    if (work / 'text_encoder').exists(): parts['text_encoder'] = CLIPTextModel.from_pretrained(work / 'text_encoder')
-    else:
+    parts = build_components(_stage(work / 'tokenizer', CLIPTokenizer.from_pretrained, build_tokenizer), seed=seed)
+    def text_encoder():
         log(f"text encoder accuracy: {train_text_encoder(parts['tokenizer'], parts['text_encoder'], text_steps, seed=seed, log=log)}")
-        parts['text_encoder'].save_pretrained(work / 'text_encoder')
-    parts['text_encoder'].eval().requires_grad_(False)
-    if (work / 'vae').exists(): parts['vae'] = AutoencoderKL.from_pretrained(work / 'vae')
-    else:
+        return parts['text_encoder']
+    def vae():
         log(f"vae scaling factor: {train_vae(parts['vae'], vae_steps, seed=seed, log=log)}")
-        parts['vae'].save_pretrained(work / 'vae')
-    parts['vae'].eval().requires_grad_(False)
+        return parts['vae']
+    parts['text_encoder'] = _stage(work / 'text_encoder', CLIPTextModel.from_pretrained, text_encoder).eval().requires_grad_(False)
+    parts['vae'] = _stage(work / 'vae', AutoencoderKL.from_pretrained, vae).eval().requires_grad_(False)
     jpath = work / 'judge.safetensors'
     if not jpath.exists():
         net = train_judge(judge_steps, seed=seed, vae=parts['vae'], log=log)
@@ -371,11 +378,7 @@ def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge
     parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
                                caption_noise=caption_noise, device=device, log=log)
     pipe = assemble(parts)
-    tmp = out.with_name(out.name + '.tmp')
-    if tmp.exists(): shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if out.exists(): shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp: pipe.save_pretrained(tmp, safe_serialization=True)
     return pipe
 
 # %% ../nbs/11_embedded.ipynb #d75d68b4
@@ -386,8 +389,8 @@ def main(argv=None):
     p.add_argument('--work', default=None, help="folder for checkpoints and caches (resumable)")
     p.add_argument('--judge-out', default=str(Path(sd_intro.__file__).parent / 'assets' / 'judge.safetensors'))
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--unet-steps', type=int, default=5500)
-    p.add_argument('--n-images', type=int, default=40000, help="pictures whose latents the UNet trains on")
+    p.add_argument('--unet-steps', type=int, default=UNET_STEPS)
+    p.add_argument('--n-images', type=int, default=N_IMAGES, help="pictures whose latents the UNet trains on")
     p.add_argument('--caption-noise', type=float, default=CAPTION_NOISE, help="chance that a caption's attribute is wrong")
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (for the UNet stage)")
     p.add_argument('--threads', type=int, default=None)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
-from .core import load_pipeline, generate, image_grid, resolve_model, EMBEDDED_MODEL
+from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, EMBEDDED_MODEL
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, COLOURS, random_scene, render, caption, to_pil
 
@@ -380,7 +380,7 @@ def _fsync(path: Path):
 # %% ../nbs/04_finetuning.ipynb #a93f0c76
 def _write_checkpoint(folder: Path, state: dict, trainable: dict, ema: dict | None, opt_state: dict):
     "Write one checkpoint's files into `folder`; state.json, the mark of a complete checkpoint, comes last."
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(trainable, str(folder / 'trainable.safetensors'))
     if ema is not None: save_file(ema, str(folder / 'ema.safetensors'))
     torch.save(opt_state, folder / 'optimizer.pt')
@@ -397,16 +397,9 @@ def save_checkpoint(out: str | os.PathLike, # the run folder
                    ) -> Path:
     "Write a checkpoint atomically (a temporary folder renamed into place), then drop all but the `keep` newest."
     final = checkpoint_dir(out, step)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists(): shutil.rmtree(tmp)
-    try:
+    with atomic_dir(final) as tmp:  # replaces the same step written again by a resumed run
         _write_checkpoint(tmp, dict(state, step=step), trainable, ema, opt_state)
-        if final.exists(): shutil.rmtree(final)  # the same step written again by a resumed run
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync(final.parent)
     done = sorted((p for p in final.parent.glob('step-*') if (p / 'state.json').is_file()), key=lambda p: int(p.name[5:]))
     for old in done[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return final
@@ -537,9 +530,7 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
     "Save `out/pipeline` (full: a whole pipeline) or `out/lora` (LoRA weights), atomically."
     from diffusers import StableDiffusionPipeline
     dest = Path(out) / ('pipeline' if method == 'full' else 'lora')
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    if tmp.exists(): shutil.rmtree(tmp)
-    try:
+    with atomic_dir(dest) as tmp:
         if method == 'full':
             from transformers.utils import logging as tlog
             was = tlog.is_progress_bar_enabled(); tlog.disable_progress_bar()  # no "Writing model shards" bars
@@ -554,11 +545,6 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
             if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
                 meta['unet_lora_adapter_metadata'] = pipe.unet.peft_config['default'].to_dict()
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, **meta)
-        if dest.exists(): shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 # %% ../nbs/04_finetuning.ipynb #5a9131c9
