@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 TORCH ?= torch>=2.6
 
-.PHONY: install course test sync lint-sync bench clean
+.PHONY: install course test sync lint-sync bench bench-gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,14 @@ sync:
 test: install sync
 	$(BIN)/python -m pytest tests -v --durations=15
 
-bench: install
-	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+CPU_BENCH = overhead guidance course embedded finetune
+GPU_BENCH = bench_gpu playground_gpu
+
+bench: install  # the CPU benchmarks (bench/RESULTS.md sections 1, 2 and 4)
+	for f in $(CPU_BENCH); do $(BIN)/python bench/bench_$$f.py || exit 1; done
+
+bench-gpu: install  # needs CUDA: SD 1.5 at full size, plain vs fast (section 5), and the playground on the GPU
+	for f in $(GPU_BENCH); do $(BIN)/python bench/$$f.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) _docs _proc

@@ -225,3 +225,21 @@ def test_a_real_checkpoint_with_a_safety_checker_runs_and_the_panel_reports_blan
         assert len(p.history) == 1 and p.history[0].settings['nsfw'] is True
     finally:
         p.stop(); assert p.wait(60)
+
+
+def test_half_precision_pipeline_runs_previews_and_img2img():
+    "On CUDA the playground gets float16 weights; bfloat16 on the CPU takes the same reduced-precision paths here."
+    import torch
+    from sd_intro.core import load_pipeline
+    p = playground(load_pipeline(device='cpu', dtype=torch.bfloat16), steps=6, preview_every=0)
+    try:
+        assert p.pipe.unet.dtype == torch.bfloat16 and p.pipe.vae.dtype == torch.bfloat16
+        assert p.generate(wait=True) and p.message.startswith('Done in'), (p.message, p.last_error)
+        assert p.last_run['previews'] >= 1                      # live previews decode reduced-precision latents
+        lo, hi = zip(*p.history[0].image.getextrema())
+        assert max(hi) - min(lo) > 60                           # a picture, not a flat or NaN-black frame
+        p.set_image(p.history[0].image); p.strength.value = 0.5
+        assert p.generate(wait=True) and p.message.startswith('Done in'), (p.message, p.last_error)
+        assert len(p.history) == 2 and p.last_run['steps'] == 3
+    finally:
+        p.stop(); assert p.wait(60)
