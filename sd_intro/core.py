@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import inspect, os, re, shutil, warnings
+import difflib, inspect, math, os, re, shutil, warnings
+from collections.abc import Iterable
 from contextlib import contextmanager
 import sd_intro
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
-           'choose_dtype', 'resolve_model', 'load_pipeline', 'generators', 'seeds_for', 'scheduler_for',
-           'check_guidance', 'Generation', 'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters',
-           'atomic_dir', 'save_image', 'read_settings', 'replaying', 'replay']
+           'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
+           'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'check_size', 'check_call', 'Generation',
+           'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir', 'save_image',
+           'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -113,8 +115,24 @@ def _has_fp16_variant(model: str) -> bool:
 PIPELINE_KINDS = ('txt2img', 'img2img')
 _LOADED: dict = {}
 
+@contextmanager
+def quiet_loading(bars: bool = True # also hide diffusers' and transformers' loading progress bars
+                 ):
+    "Silence transformers' import-time notices (e.g. that its image processors would like torchvision, which Stable Diffusion does not use) and, optionally, the loading bars; restored afterwards."
+    from transformers.utils import logging as tlog
+    from diffusers.utils import logging as dlog
+    level, t_on, d_on = tlog.get_verbosity(), tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    if bars: tlog.disable_progress_bar(); dlog.disable_progress_bar()
+    try: yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars and t_on: tlog.enable_progress_bar()
+        if bars and d_on: dlog.enable_progress_bar()
+
 def _pipeline_class(kind):
-    from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
+    with quiet_loading(bars=False):
+        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
     if kind not in PIPELINE_KINDS: raise ValueError(f"kind={kind!r} is not one of {list(PIPELINE_KINDS)}")
     return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline}[kind]
 
@@ -156,7 +174,9 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
     if dtype == torch.float16 and _has_fp16_variant(model): opts['variant'] = 'fp16'
     opts.update(kwargs)
     if model == EMBEDDED_MODEL: opts.update(safety_checker=None, requires_safety_checker=False)
-    try: pipe = cls.from_pretrained(model, **opts)
+    try:
+        with quiet_loading(bars=model == EMBEDDED_MODEL):   # it loads in a blink; a real checkpoint keeps its bars
+            pipe = cls.from_pretrained(model, **opts)
     except (OSError, EnvironmentError, ValueError) as e:
         if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
             raise ValueError(f"model={model!r} has only pickled .bin weights; sd_intro loads safetensors only. Convert "
@@ -176,13 +196,28 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     "One CPU `torch.Generator` per seed: noise that depends only on the seed, not the batch or the device."
     return [torch.Generator('cpu').manual_seed(int(s)) for s in seeds]
 
+def _whole(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+def _seed_error(seed, what='seed') -> Exception:
+    fix = f"use {what}={int(seed)}" if isinstance(seed, str) and seed.strip().lstrip('-').isdigit() else \
+          f"use {what}=int(...)" if torch.is_tensor(seed) or isinstance(seed, float) and seed.is_integer() else \
+          "use a whole number from 0 to 2**64 - 1, a list of them (one per image), or None for random ones"
+    return TypeError(f"{what}={seed!r} is a {type(seed).__name__}: {fix}")
+
 def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
     "`n` seeds: `seed, seed+1, ...` for an int, the list itself for a list, random ones for None."
     if seed is None: return [int(s) for s in np.random.randint(0, 2**31 - 1, n)]
-    if isinstance(seed, (int, np.integer)): return [int(seed) + i for i in range(n)]
-    seed = [int(s) for s in seed]
-    if len(seed) != n: raise ValueError(f"seed: {len(seed)} seeds for {n} images; pass one seed per image or an int")
-    return seed
+    if _whole(seed): seed = [int(seed) + i for i in range(n)]
+    elif isinstance(seed, (str, bytes, float, bool)) or torch.is_tensor(seed) and seed.ndim == 0 \
+            or not isinstance(seed, Iterable): raise _seed_error(seed)
+    else:
+        seed = list(seed)
+        for s in seed:
+            if not _whole(s): raise _seed_error(s, 'each seed')
+        if len(seed) != n: raise ValueError(f"seed: {len(seed)} seeds for {n} images; pass one seed per image or an int")
+    for s in seed:
+        if not -2**63 <= s < 2**64: raise ValueError(f"seed {s} is out of range: use a whole number from 0 to 2**64 - 1")
+    return [int(s) for s in seed]
 
 # %% ../nbs/00_core.ipynb #b814b50f
 SAMPLER_NAMES = {'DDIMScheduler': 'DDIM', 'PNDMScheduler': 'PLMS', 'LMSDiscreteScheduler': 'LMS',
@@ -199,13 +234,86 @@ def scheduler_for(sampler: str):
     return getattr(diffusers, cls)
 
 # %% ../nbs/00_core.ipynb #6332de0d
+def _real(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
 def check_guidance(guidance_scale: float, negative_prompt=None):
-    "Warn where diffusers silently turns classifier-free guidance off (scale <= 1) and drops a negative prompt."
-    if guidance_scale < 0: raise ValueError(f"guidance_scale={guidance_scale} is negative; use 0 or more (7.5 is usual)")
+    "A clear error for a scale that is not a number of 0 or more; a warning where diffusers silently turns classifier-free guidance off (scale <= 1) and drops a negative prompt."
+    if not _real(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r}: use a number of 0 or more (7.5 is usual)")
     if guidance_scale <= 1:
         msg = f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off"
         if negative_prompt: msg += f", so negative_prompt={negative_prompt!r} is ignored"
         warnings.warn(msg + "; use a scale above 1 (7.5 is usual) for the prompt to steer the image.")
+
+# %% ../nbs/00_core.ipynb #5c526e03
+_MEANT = {'steps': 'num_inference_steps', 'num_steps': 'num_inference_steps', 'guidance': 'guidance_scale',
+          'cfg_scale': 'guidance_scale', 'cfg': 'guidance_scale', 'scale': 'guidance_scale', 'init_image': 'image',
+          'negative': 'negative_prompt', 'seeds': 'seed', 'generator': 'seed', 'num_images_per_prompt': 'n',
+          'callback': 'callback_on_step_end', 'callback_steps': 'callback_on_step_end', 'size': 'height and width'}
+
+def pipe_params(pipe) -> set[str] | None:
+    "The keywords `pipe(...)` takes by name, or None if it takes anything (a stand-in)."
+    ps = inspect.signature(pipe.__call__).parameters.values()
+    return {p.name for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} or None
+
+def check_steps(num_inference_steps: int, pipe=None, what: str = 'num_inference_steps'):
+    "A clear error unless the steps are a whole number from 1 to the scheduler's training steps."
+    top = pipe.scheduler.config.get('num_train_timesteps', 1000) if pipe is not None else 1000
+    if not _whole(num_inference_steps) or not 1 <= num_inference_steps <= top:
+        raise ValueError(f"{what}={num_inference_steps!r}: use a whole number from 1 to {top} (20 to 50 is usual)")
+
+def check_size(height: int | None, width: int | None, pipe=None):
+    "A clear error unless each given size is a multiple of 8 from 8 to 4096 pixels."
+    for k, v in (('height', height), ('width', width)):
+        if v is not None and (not _whole(v) or not 8 <= v <= 4096 or v % 8):
+            trained = f"; this model was trained at {pipe_defaults(pipe)[k]}" if pipe is not None else ''
+            raise ValueError(f"{k}={v!r}: use a multiple of 8 from 8 to 4096 pixels (the VAE shrinks pictures 8 "
+                             f"times){trained}")
+
+# %% ../nbs/00_core.ipynb #3f3ed768
+def _meant(pipe, k: str, names: set[str]) -> str:
+    "What keyword `k`, which `pipe` does not take, was meant to be."
+    img2img = 'image' in names
+    if k in ('image', 'strength') and not img2img:
+        return "it is for img2img: use load_pipeline(pipe, kind='img2img')"
+    if k in ('height', 'width') and img2img:
+        return "img2img takes its size from the starting image: resize it with load_image(image, size=(width, height))"
+    if k in _MEANT: return f"use {_MEANT[k]}="
+    close = difflib.get_close_matches(k, sorted(names), 1)
+    return f"did you mean {close[0]}=?" if close else f"it takes {', '.join(sorted(names - {'prompt'}))}"
+
+def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, kwargs: dict) -> dict:
+    "`generate`'s pipeline keywords, checked (a clear error for each mistake diffusers ignores or reports deep inside); paths to starting images loaded."
+    names, kwargs = pipe_params(pipe), dict(kwargs)
+    if names is not None:
+        for k in kwargs:
+            if k not in names or k in ('prompt', 'negative_prompt', 'generator', 'num_images_per_prompt'):
+                raise TypeError(f"generate: {type(pipe).__name__} takes no {k}= here; {_meant(pipe, k, names)}")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad: raise TypeError(f"prompt: {bad[0]!r} is a {type(bad[0]).__name__}; pass a str or a list of str")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt={negative_prompt!r}: pass one str (it applies to every image) or None")
+    check_steps(num_inference_steps, pipe)
+    check_size(kwargs.get('height'), kwargs.get('width'), pipe)
+    if names is not None and 'image' in names and 'strength' in names:    # img2img
+        if kwargs.get('image') is None: raise ValueError(
+            "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
+        im = kwargs['image']
+        if isinstance(im, (str, os.PathLike, np.ndarray)) or isinstance(im, Image.Image) and im.mode != 'RGB':
+            from sd_intro.img2img import load_image
+            kwargs['image'] = load_image(im)
+        st = kwargs.get('strength', inspect.signature(pipe.__call__).parameters['strength'].default)
+        if not _real(st) or not 0 < st <= 1:
+            raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
+        if int(num_inference_steps * st) < 1:
+            raise ValueError(f"img2img runs int(num_inference_steps x strength) = int({num_inference_steps} x {st}) = 0 "
+                             f"steps: raise num_inference_steps to at least {math.ceil(1 / st)}, or the strength")
+    sched = getattr(pipe, 'scheduler', None)
+    if type(sched).__name__ == 'PNDMScheduler' and not sched.config.get('skip_prk_steps') and num_inference_steps < 4:
+        raise ValueError(f"num_inference_steps={num_inference_steps}: PLMS (PNDMScheduler) with Runge-Kutta warm-up "
+                         f"steps needs at least 4; raise the steps, or use it as SD checkpoints ship it: "
+                         f"PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)")
+    return kwargs
 
 # %% ../nbs/00_core.ipynb #84ec44cf
 @dataclass
@@ -236,12 +344,14 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
              **kwargs                     # passed to the pipeline (height, width, image, strength, callback_on_step_end...)
             ) -> Generation:
     "Run `pipe` with one CPU generator per image and return the images with the settings that made each."
-    many_seeds = seed is not None and not isinstance(seed, (int, np.integer))
+    if not isinstance(prompt, (str, list, tuple)): raise TypeError(
+        f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
+    if n is not None and (not _whole(n) or n < 1): raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
+    many_seeds = seed is not None and not _whole(seed) and isinstance(seed, (list, tuple, np.ndarray, range))
     prompts = [prompt] * (n or (len(seed) if many_seeds else 1)) if isinstance(prompt, str) else list(prompt)
     if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
     if not prompts: raise ValueError("prompt: no prompts given")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r}: use a whole number of at least 1")
+    kwargs = check_call(pipe, prompts, negative_prompt, num_inference_steps, kwargs)
     check_guidance(guidance_scale, negative_prompt)
     seeds = seeds_for(seed, len(prompts))
     d = pipe_defaults(pipe)

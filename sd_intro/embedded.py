@@ -402,4 +402,5 @@ def main(argv=None):
 
 # %% ../nbs/11_embedded.ipynb #f2548d35
 #| eval: false
-if __name__ == '__main__': main()
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m ...` runs it; running this notebook does not

@@ -775,4 +775,5 @@ def main(argv: Sequence[str] | None = None) -> FinetuneResult:
 
 # %% ../nbs/04_finetuning.ipynb #3fed158d
 #| eval: false
-if __name__ == '__main__': main()
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m ...` runs it; running this notebook does not

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import (Generation, SAMPLER_NAMES, check_guidance, generators, image_grid, pipe_defaults,
+from .core import (Generation, SAMPLER_NAMES, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
                            seeds_for)
 
 # %% auto #0
@@ -178,8 +178,8 @@ def sample(pipe,                        # a loaded txt2img pipeline
            height: int | None = None, width: int | None = None
           ) -> Sampled:
     "txt2img by hand: the same images as `generate` / `pipe(...)`, with the per-step predictions if `record`."
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r}: use a whole number of at least 1")
+    check_steps(num_inference_steps, pipe)
+    check_size(height, width, pipe)
     check_guidance(guidance_scale, negative_prompt)
     many_seeds = seed is not None and not isinstance(seed, (int, np.integer))
     prompts = _prompt_list(prompt, n or (len(seed) if many_seeds and isinstance(prompt, str) else None))
@@ -228,9 +228,13 @@ def guidance_sweep(pipe,                           # a loaded txt2img pipeline
                    height: int | None = None, width: int | None = None
                   ) -> Sweep:
     "One row of images per guidance scale, all in one batched denoising loop: the same pixels as one `generate` per scale."
+    if isinstance(scales, (int, float, np.number, str)):
+        raise TypeError(f"scales={scales!r}: pass a list of guidance scales, e.g. scales=[{scales}]")
+    for s in scales: check_guidance(s, negative_prompt)
     scales = [float(s) for s in scales]
     if not scales: raise ValueError("scales: no guidance scales given")
-    for s in sorted(set(scales)): check_guidance(s, negative_prompt)
+    check_steps(num_inference_steps, pipe)
+    check_size(height, width, pipe)
     prompts = _prompt_list(prompt, n if isinstance(prompt, str) else None)
     if not isinstance(prompt, str) and n not in (None, len(prompts)):
         raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt, or a list of them with n=None")

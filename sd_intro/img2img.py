@@ -263,6 +263,8 @@ def strength_sweep(pipe,                      # a txt2img or img2img pipeline (i
                   ) -> StrengthSweep:
     "Img2img at each strength; similarity to `image` and the judge's adherence to `prompt` for each."
     from sd_intro import shapes
+    if isinstance(strengths, (int, float, np.number, str)):
+        raise TypeError(f"strengths={strengths!r}: pass a list of strengths, e.g. strengths=[{strengths}]")
     i2i = img2img_pipeline(pipe)
     image = load_image(image, size=i2i)
     for s in strengths:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import generate, image_grid, scheduler_for, SAMPLER_NAMES, Generation
+from .core import generate, image_grid, scheduler_for, SAMPLER_NAMES, Generation, _whole, check_steps
 
 # %% auto #0
 __all__ = ['decode_latents', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress', 'timesteps_for', 'steps_sweep',
@@ -172,6 +172,7 @@ def denoising_progress(pipe,                     # any Stable Diffusion pipeline
 # %% ../nbs/01_pipelines.ipynb #74c5f9e9
 def timesteps_for(scheduler, num_inference_steps: int) -> list[int]:
     "The timesteps `scheduler` visits in a run of `num_inference_steps` steps (on a copy: `scheduler` is untouched)."
+    check_steps(num_inference_steps)
     s = type(scheduler).from_config(scheduler.config)
     s.set_timesteps(num_inference_steps)
     return [int(t) for t in s.timesteps]
@@ -183,7 +184,8 @@ def steps_sweep(pipe, prompts: str | Sequence[str], # the prompts (one image eac
                 **kwargs                         # passed to `generate`
                ) -> dict[int, Generation]:
     "The same prompts and seeds generated at each number of steps in `steps`."
-    return {int(n): generate(pipe, prompts, seed=seed, num_inference_steps=int(n), **kwargs) for n in steps}
+    if _whole(steps): raise TypeError(f"steps={steps!r}: pass a list of step counts, e.g. steps=[{steps}]")
+    return {int(n): generate(pipe, prompts, seed=seed, num_inference_steps=n, **kwargs) for n in steps}
 
 # %% ../nbs/01_pipelines.ipynb #4680ad17
 def sweep_table(results: dict,             # label -> `Generation`, as made by `steps_sweep` or `scheduler_sweep`
@@ -242,6 +244,8 @@ def scheduler_sweep(pipe, prompts: str | Sequence[str], # the prompts (one image
                     **kwargs                         # passed to `generate`
                    ) -> dict[str, Generation]:
     "The same prompts and seeds generated with each scheduler in `samplers`."
+    if isinstance(samplers, str) or isinstance(samplers, type) or hasattr(samplers, 'set_timesteps'):
+        samplers = [samplers]   # one sampler
     if not isinstance(samplers, dict):
         samplers = {s if isinstance(s, str) else SAMPLER_NAMES.get(getattr(s, '__name__', type(s).__name__), str(s)): s
                     for s in samplers}

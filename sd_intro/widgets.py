@@ -370,8 +370,8 @@ def _run(self: Playground, s: dict, init, label: str, notes: list[str]):
         self.last_run = dict(previews=0)
         pipe = self._img2img() if init is not None else self.pipe
         pipe.scheduler = scheduler_for(self.scheduler_name(s)).from_config(self._sched_config)
-        kw = dict(width=s['width'], height=s['height'], callback_on_step_end=self._on_step)
-        if init is not None: kw.update(image=init, strength=s['strength'])
+        kw = dict(callback_on_step_end=self._on_step)   # img2img's size is the starting image's (fitted to the fields)
+        kw.update(dict(image=init, strength=s['strength']) if init is not None else dict(width=s['width'], height=s['height']))
         # catch_warnings is process-wide: warnings from other threads during the run also land in the panel
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', UserWarning)  # what the panel shows; others keep their filters

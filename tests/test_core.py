@@ -135,7 +135,7 @@ def test_generate_returns_settings_of_each_image(pipe):
 
 @pytest.mark.parametrize('kw,msg', [(dict(seed=[1, 2], n=3), 'one seed per image'),
                                     (dict(num_inference_steps=0), 'num_inference_steps=0'),
-                                    (dict(guidance_scale=-1.0), 'guidance_scale=-1.0 is negative'),
+                                    (dict(guidance_scale=-1.0), 'guidance_scale=-1.0: use a number of 0 or more'),
                                     (dict(n=3, prompt=['a', 'b']), 'n=3 but 2 prompts')])
 def test_generate_bad_input(pipe, kw, msg):
     kw = {'prompt': 'a red circle', **kw}
