@@ -73,6 +73,8 @@ def choose_dtype(device: str | torch.device | None = None, # where the pipeline 
         if dtype.lower() not in _DTYPES: raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype.lower()]
     if dtype is None: dtype = torch.float16 if device.startswith('cuda') else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: use a floating-point dtype, one of {sorted(_DTYPES)} (or None for the default)")
     if dtype == torch.float16 and not device.startswith('cuda'):
         raise ValueError(f"dtype=float16 on device={device!r} does not work (on a CPU torch fails with 'LayerNormKernelImpl "
                          f"not implemented for Half'; on MPS some schedulers give NaNs). Use dtype=torch.float32 "
@@ -138,9 +140,17 @@ def _pipeline_class(kind):
 
 def _missing_model_error(model, err):
     local = Path(model).expanduser()
+    if (local / 'model_index.json').is_file():   # a pipeline folder, but something in it is broken
+        return OSError(f"model={model!r}: the pipeline folder is there but could not be loaded: {type(err).__name__}: "
+                       f"{err}. Check that every component folder model_index.json lists is complete; save it again "
+                       f"with `save_pretrained` or download it again.")
     if local.is_absolute() or model.startswith('.') or os.sep in model and not re.fullmatch(r'[\w.-]+/[\w.-]+', model):
         return FileNotFoundError(f"model={model!r}: no diffusers pipeline folder there (it needs model_index.json). "
                                  f"Pass a folder saved with `save_pretrained`, or a Hub id. ({err})")
+    if '/' not in model:
+        return FileNotFoundError(f"model={model!r}: there is no folder of that name in {str(Path.cwd())!r}, and it is "
+                                 f"not a Hub id (those read 'owner/name', e.g. 'CompVis/stable-diffusion-v1-4'). Check "
+                                 f"the path, or pass 'embedded' for the course's own model.")
     return OSError(f"model={model!r} could not be loaded: it is not in the local Hugging Face cache and could not be "
                    f"downloaded ({type(err).__name__}). On a machine with internet, run "
                    f"`huggingface-cli download {model}` (log in with `huggingface-cli login` and accept the model's "
@@ -156,6 +166,12 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
                  ):
     "A Stable Diffusion pipeline: the embedded model by default, or the checkpoint named by `model`/`$SD_INTRO_MODEL`."
     cls = _pipeline_class(kind)
+    if 'torch_dtype' in kwargs:   # the diffusers docs' spelling
+        if dtype is not None: raise TypeError("load_pipeline: pass dtype= or torch_dtype=, not both")
+        dtype = kwargs.pop('torch_dtype')
+    if hasattr(model, 'components') and (device is not None or dtype is not None):
+        raise ValueError("load_pipeline: device= and dtype= apply when loading from disk; a loaded pipeline keeps "
+                         "its own (move it with pipe.to(device, dtype) first; its parts are shared)")
     if hasattr(model, 'components'):  # a loaded pipeline: reuse its parts, no second load from disk
         params = inspect.signature(cls.__init__).parameters
         kw = {k: v for k, v in model.components.items() if k in params}
@@ -167,6 +183,14 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
         return pipe
     model = resolve_model(model)
     device, dtype = choose_dtype(device, dtype)
+    try: dev = torch.device(device)
+    except RuntimeError: raise ValueError(f"device={device!r} is not a torch device: use 'cuda', 'cuda:1', 'mps' or "
+                                          f"'cpu', or None for `default_device()`") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__}): use device='cpu', or None for `default_device()`")
+    if dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but MPS is not available here: use device='cpu', or None")
     key = (model, device, dtype, fast)
     if key in _LOADED and not kwargs:
         return load_pipeline(_LOADED[key], kind)

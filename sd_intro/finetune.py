@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
-from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, EMBEDDED_MODEL
+from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, EMBEDDED_MODEL, _real, _whole
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, COLOURS, random_scene, render, caption, to_pil
 
@@ -336,13 +336,37 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}")
         if self.lr is None: self.lr = 1e-4 if self.method == 'lora' else 1e-5
+        def need(ok, k, what):
+            if not ok: raise ValueError(f"{k}={getattr(self, k)!r}: {what}")
         for k in ('steps', 'batch_size', 'gradient_accumulation', 'rank', 'validation_steps', 'keep_checkpoints'):
-            if int(getattr(self, k)) < 1: raise ValueError(f"{k}={getattr(self, k)!r}: use a whole number of at least 1")
+            need(_whole(getattr(self, k)) and getattr(self, k) >= 1, k, "use a whole number of at least 1")
+        for k in ('warmup_steps', 'num_workers', 'seed'):
+            need(_whole(getattr(self, k)) and getattr(self, k) >= 0, k, "use a whole number, 0 or more")
+        for k in ('checkpoint_every', 'lora_alpha', 'stop_at'):
+            need(getattr(self, k) is None or _whole(getattr(self, k)) and getattr(self, k) >= 1, k,
+                 "use a whole number of at least 1, or None")
+        need(self.resolution is None or _whole(self.resolution) and self.resolution >= 8 and self.resolution % 8 == 0,
+             'resolution', "use a multiple of 8 (64 for the embedded model, 512 for SD v1), or None for the model's own")
+        need(_real(self.lr) and self.lr > 0, 'lr', "use a positive number, e.g. 1e-4")
+        for k in ('weight_decay', 'max_grad_norm'): need(_real(getattr(self, k)) and getattr(self, k) >= 0, k, "use 0 or more")
+        need(_real(self.ema_decay) and 0 < self.ema_decay < 1, 'ema_decay', "use a number between 0 and 1, e.g. 0.9999")
+        need(self.snr_gamma is None or _real(self.snr_gamma) and self.snr_gamma > 0, 'snr_gamma',
+             "use a positive number (5 is usual), or None for the plain MSE loss")
+        need(_real(self.guidance_scale) and self.guidance_scale >= 0, 'guidance_scale', "use 0 or more (7.5 is usual)")
+        from diffusers.optimization import SchedulerType
+        need(self.lr_scheduler in [t.value for t in SchedulerType], 'lr_scheduler',
+             f"use one of diffusers' schedules {[t.value for t in SchedulerType]}")
         if self.mixed_precision not in (None, 'no', 'fp16', 'bf16'): raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
-        if not 0 <= self.caption_dropout < 1: raise ValueError(f"caption_dropout={self.caption_dropout}: a share, from 0 up to (not including) 1")
+        need(_real(self.caption_dropout) and 0 <= self.caption_dropout < 1, 'caption_dropout', "a share, from 0 up to (not including) 1")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps: raise ValueError(f"stop_at={self.stop_at}: between 1 and steps={self.steps}")
         if isinstance(self.validation_prompts, str): self.validation_prompts = (self.validation_prompts,)
-        self.validation_prompts, self.validation_seeds = tuple(self.validation_prompts), tuple(int(s) for s in self.validation_seeds)
+        if _whole(self.validation_seeds): self.validation_seeds = (self.validation_seeds,)
+        self.validation_prompts, self.validation_seeds = tuple(self.validation_prompts), tuple(self.validation_seeds)
+        need(all(isinstance(p, str) for p in self.validation_prompts), 'validation_prompts', "pass a str or a list of str")
+        need(all(_whole(s) for s in self.validation_seeds), 'validation_seeds', "pass whole numbers, e.g. (0, 1)")
+        need(self.validation_seeds or not self.validation_prompts, 'validation_seeds',
+             "give at least one seed for the validation prompts, e.g. (0,)")
+        self.validation_seeds = tuple(int(s) for s in self.validation_seeds)
 
     @classmethod
     def make(cls, config: FinetuneConfig | dict | None = None, **kwargs) -> FinetuneConfig:
@@ -566,6 +590,14 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
     cfg = FinetuneConfig.make(config, **kwargs)
+    if cfg.mixed_precision == 'fp16' and accelerator is None and not torch.cuda.is_available():
+        raise ValueError("mixed_precision='fp16' needs a CUDA GPU (on a CPU, half-precision layers fail to run): use "
+                         "mixed_precision='no' here, or 'bf16'")
+    out = Path(out)
+    results = [r for r in ('pipeline', 'lora') if (out / r).is_dir()]
+    if results and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds the result of a finished run ({', '.join(results)}/): pass "
+                              f"overwrite=True to train again and replace it, or choose another folder")
     acc = accelerator or _accelerator(cfg.mixed_precision)
     out, rank, world, device = Path(out), acc.process_index, acc.num_processes, acc.device
     weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(acc.mixed_precision, torch.float32)
@@ -576,6 +608,9 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass resume=True to continue it, overwrite=True "
                               f"to start afresh (its checkpoints are replaced as the new run goes), or another folder")
+    if cfg.resume and ckpt is None:
+        warnings.warn(f"resume=True, but {out} holds no checkpoint to resume: starting a new run (check the folder name "
+                      f"if you meant to continue one)")
     with acc.main_process_first():
         data = load_captioned(data, cfg.image_column, cfg.caption_column, check_images=cfg.check_images)
     pipe, named = _training_pipeline(model, cfg.method, cfg, device, weight_dtype)
@@ -682,6 +717,8 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
         validate(cfg.steps)
         if acc.is_main_process:
             save_finetuned(pipe, out, cfg.method)
+            other = out / ('lora' if cfg.method == 'full' else 'pipeline')
+            if other.is_dir(): shutil.rmtree(other)   # an overwritten run of the other method: one result per folder
             if history: validation_grid(history, cfg.steps).save(out / 'validation.png')
         acc.wait_for_everyone()
         saved = out / ('pipeline' if cfg.method == 'full' else 'lora')

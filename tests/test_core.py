@@ -1,5 +1,5 @@
 "Public API of sd_intro.core: grids, devices, loading (embedded and local 'real' checkpoints), seeding, settings."
-import json, os, shutil, warnings
+import json, os, re, shutil, warnings
 from pathlib import Path
 import numpy as np
 import pytest
@@ -215,3 +215,80 @@ def test_settings_name_the_embedded_model_portably_and_old_path_records_still_re
     assert np.array_equal(np.asarray(again), np.asarray(res[0]))
     with pytest.warns(UserWarning, match='were made with model'):
         replay(dict(res.settings[0], model='CompVis/stable-diffusion-v1-4'), pipe)
+
+
+@pytest.mark.parametrize('kw,err,msg', [
+    (dict(steps=2), TypeError, 'takes no steps= here; use num_inference_steps='),
+    (dict(guidance=3), TypeError, 'use guidance_scale='),
+    (dict(num_inference_stpes=2), TypeError, 'did you mean num_inference_steps='),
+    (dict(generator=None), TypeError, 'use seed='),
+    (dict(strength=0.5), TypeError, "kind='img2img'"),
+    (dict(seed='42'), TypeError, 'use seed=42'),
+    (dict(seed=[1, 2.5]), TypeError, 'each seed=2.5'),
+    (dict(guidance_scale=float('inf')), ValueError, 'guidance_scale=inf'),
+    (dict(guidance_scale='7.5'), ValueError, "guidance_scale='7.5'"),
+    (dict(num_inference_steps=True), ValueError, 'num_inference_steps=True'),
+    (dict(height=0), ValueError, 'height=0: use a multiple of 8'),
+    (dict(width=100_000), ValueError, 'width=100000'),
+    (dict(negative_prompt=['x']), TypeError, 'negative_prompt='),
+    (dict(prompt=123), TypeError, 'prompt=123 is a int'),
+    (dict(prompt=['a', None]), TypeError, 'None is a NoneType'),
+])
+def test_generate_mistakes_are_named_before_any_work(pipe, monkeypatch, kw, err, msg):
+    "Each mistake names its argument and the fix, and the pipeline is never called (nothing was silently ignored)."
+    monkeypatch.setattr(pipe, 'encode_prompt', lambda *a, **k: pytest.fail('the pipeline ran'))
+    kw = {'prompt': 'a red circle', 'num_inference_steps': 2, **kw}
+    with pytest.raises(err, match=re.escape(msg)): generate(pipe, **kw)
+
+
+def test_generate_takes_numpy_whole_numbers(pipe):
+    g = generate(pipe, 'a red circle', seed=np.int64(3), num_inference_steps=np.int64(2))
+    assert g.settings[0]['seed'] == 3 and g.settings[0]['steps'] == 2
+
+
+def test_img2img_through_generate(pipe):
+    from sd_intro.img2img import sketch_path
+    i2i = load_pipeline(pipe, kind='img2img')
+    with pytest.raises(ValueError, match='needs image='): generate(i2i, 'a red star')
+    with pytest.raises(ValueError, match=r'raise num_inference_steps to at least 4'):
+        generate(i2i, 'a red star', image=sketch_path(), strength=0.3, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r'strength=nan'):
+        generate(i2i, 'a red star', image=sketch_path(), strength=float('nan'))
+    with pytest.raises(TypeError, match=r'size from the starting image'):
+        generate(i2i, 'a red star', image=sketch_path(), height=64)
+    rgba = Image.new('RGBA', (64, 64), (255, 0, 0, 0))        # transparent: white after load_image, not latents
+    g = generate(i2i, 'a red star', image=rgba, strength=0.5, num_inference_steps=4)
+    assert g[0].size == (64, 64) and g.settings[0]['strength'] == 0.5
+
+
+def test_plms_warm_up_needs_four_steps(pipe):
+    from diffusers import PNDMScheduler
+    from sd_intro.pipelines import swapped_scheduler
+    with swapped_scheduler(pipe, PNDMScheduler.from_config(pipe.scheduler.config)):
+        with pytest.raises(ValueError, match='PLMS'): generate(pipe, 'a red star', num_inference_steps=3)
+        assert len(generate(pipe, 'a red star', num_inference_steps=4)) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message on a machine without CUDA')
+def test_device_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"device='cuda', but this torch sees no CUDA GPU"): load_pipeline(device='cuda')
+    with pytest.raises(ValueError, match=r"device='gpu' is not a torch device: use 'cuda'"): load_pipeline(device='gpu')
+
+
+def test_torch_dtype_is_taken_as_dtype():
+    assert load_pipeline(torch_dtype=torch.float32).unet.dtype == torch.float32
+    with pytest.raises(TypeError, match='not both'): load_pipeline(dtype='float32', torch_dtype=torch.float32)
+    with pytest.raises(ValueError, match='floating-point dtype'): load_pipeline(dtype=torch.int8)
+
+
+def test_a_loaded_pipeline_with_device_or_dtype_is_refused(pipe):
+    with pytest.raises(ValueError, match=r'pipe.to\(device, dtype\)'): load_pipeline(pipe, kind='img2img', device='cpu')
+
+
+def test_broken_and_missing_folders_name_the_problem(tmp_path, monkeypatch):
+    broken = tmp_path / 'broken'
+    shutil.copytree(EMBEDDED_MODEL, broken)
+    shutil.rmtree(broken / 'vae')
+    with pytest.raises(OSError, match=r'pipeline folder is there but could not be loaded'): load_pipeline(broken)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no folder of that name in .*not a Hub id"): load_pipeline('my-model')

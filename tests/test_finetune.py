@@ -227,6 +227,43 @@ def test_bad_settings():
     with pytest.raises(ValueError, match='stop_at=5: between 1 and steps=3'): ft.FinetuneConfig(steps=3, stop_at=5)
 
 
+@pytest.mark.parametrize('kw,msg', [
+    (dict(steps=1.5), 'steps=1.5: use a whole number'), (dict(resolution=-64), 'resolution=-64: use a multiple of 8'),
+    (dict(resolution=0), 'resolution=0'), (dict(lr='1e-4'), "lr='1e-4': use a positive number"),
+    (dict(lr_scheduler='cosinus'), "lr_scheduler='cosinus': use one of diffusers' schedules"),
+    (dict(warmup_steps=-1), 'warmup_steps=-1'), (dict(ema_decay=2), 'ema_decay=2'), (dict(snr_gamma=-1), 'snr_gamma=-1'),
+    (dict(checkpoint_every=-1), 'checkpoint_every=-1'), (dict(num_workers=-1), 'num_workers=-1'),
+    (dict(validation_prompts=['a creature'], validation_seeds=[]), 'give at least one seed'),
+    (dict(validation_seeds=['a']), 'validation_seeds')])
+def test_bad_settings_are_refused_before_anything_is_written(data, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg): ft.finetune(data, tmp_path / 'run', **{**FAST, 'steps': 2, **kw})
+    assert not (tmp_path / 'run').exists()
+
+
+def test_fp16_on_a_cpu_is_refused_and_leaves_the_process_usable(data, tmp_path):
+    with pytest.raises(ValueError, match="mixed_precision='fp16' needs a CUDA GPU"):
+        ft.finetune(data, tmp_path / 'run', method='lora', steps=1, mixed_precision='fp16', **FAST)
+    assert not (tmp_path / 'run').exists()
+    assert len(ft.finetune(data, tmp_path / 'run', method='lora', steps=1, **FAST).losses) == 1   # default settings still run
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(data, tmp_path):
+    out = tmp_path / 'run'
+    first = ft.finetune(data, out, method='lora', steps=1, **FAST)
+    weights = sorted(p.read_bytes() for p in first.saved.iterdir())
+    for kw in (dict(method='lora'), dict(method='full'), dict(method='lora', resume=True)):
+        with pytest.raises(FileExistsError, match=r"already holds the result of a finished run \(lora/\)"):
+            ft.finetune(data, out, steps=1, **kw, **FAST)
+    assert sorted(p.read_bytes() for p in first.saved.iterdir()) == weights      # untouched
+    again = ft.finetune(data, out, method='full', steps=1, overwrite=True, **FAST)
+    assert again.saved.name == 'pipeline' and not (out / 'lora').exists()        # one result per folder
+
+
+def test_resume_with_nothing_to_resume_says_so(data, tmp_path):
+    with pytest.warns(UserWarning, match='holds no checkpoint to resume'):
+        ft.finetune(data, tmp_path / 'new', method='lora', steps=1, resume=True, **FAST)
+
+
 def test_command_line(folder, tmp_path, capsys):
     res = ft.main(['--data', str(folder), '--out', str(tmp_path / 'cli'), '--method', 'full', '--steps', '2',
                    '--batch-size', '2', '--lr', '1e-4', '--ema', '--no-progress', '--no-check-images'])
