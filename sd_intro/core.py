@@ -33,6 +33,12 @@ def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
     "Paste `imgs` into one picture of `rows` x `cols` tiles, optionally labelled."
     imgs = list(imgs)
     if not imgs: raise ValueError("image_grid: imgs is empty; pass at least one image")
+    bad = next((im for im in imgs if not isinstance(im, Image.Image)), None)
+    if bad is not None: raise TypeError(f"image_grid: a tile is a {type(bad).__name__}; pass PIL images (Image.open for "
+                                        f"files, Image.fromarray for arrays)")
+    for k, v in (('rows', rows), ('cols', cols), ('scale', scale)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"image_grid: {k}={v!r}: use a whole number of at least 1")
     sizes = {im.size for im in imgs}
     if len(sizes) > 1: raise ValueError(f"image_grid: tiles have mixed sizes {sorted(sizes)}; resize them to one size first")
     if labels is not None and len(labels) != len(imgs):
@@ -46,11 +52,14 @@ def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
     w, h = imgs[0].size
     lh = 0 if labels is None else 14
     grid = Image.new('RGB', size=(cols * w, rows * (h + lh)), color='white')
-    draw = ImageDraw.Draw(grid)
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
     for i, img in enumerate(imgs):
         x, y = i % cols * w, i // cols * (h + lh)
         grid.paste(img.convert('RGB'), box=(x, y))
-        if labels is not None: draw.text((x + 2, y + h + 1), str(labels[i]), fill='black')
+        if labels is not None:
+            text = str(labels[i])
+            while len(text) > 1 and draw.textlength(text, font=font) > w - 3: text = text[:-2] + '…'  # no overlaps
+            draw.text((x + 2, y + h + 1), text, fill='black', font=font)
     return grid
 
 # %% ../nbs/00_core.ipynb #d46cdd0f
@@ -452,6 +461,16 @@ def save_image(img: Image.Image,  # the image
                settings: dict | None = None # the settings that made it (from `generate`)
               ) -> Path:
     "Write `img` as a PNG with `settings` in its `parameters` text chunk; written whole or not at all."
+    if isinstance(img, Generation):
+        if len(img) != 1: raise TypeError(f"save_image: img is a Generation of {len(img)} images; save one at a time: "
+                                          f"save_image(res[i], path, res.settings[i])")
+        img, settings = img[0], settings if settings is not None else img.settings[0]
+    if not isinstance(img, Image.Image): raise TypeError(f"save_image: img is a {type(img).__name__}; pass a PIL image "
+                                                         f"(`generate(...)[i]`)")
+    if isinstance(settings, (list, tuple)): raise TypeError(
+        f"save_image: settings is a list of {len(settings)}; pass the one for this image, e.g. res.settings[i]")
+    if settings is not None and not isinstance(settings, dict):
+        raise TypeError(f"save_image: settings is a {type(settings).__name__}; pass a dict (`res.settings[i]`) or None")
     path = Path(path)
     if path.suffix.lower() != '.png': raise ValueError(f"path={str(path)!r}: settings live in PNG text chunks; use a .png name")
     if not path.parent.exists(): raise FileNotFoundError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
@@ -496,6 +515,13 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
           ) -> Image.Image:
     "Make the image described by `src` again."
     s = src if isinstance(src, dict) else read_settings(src)
+    missing = [k for k in ('prompt', 'seed') if k not in s]
+    if missing: raise ValueError(f"replay: the settings have no {' or '.join(missing)}; pass a PNG written by "
+                                 f"`save_image` with its settings, or a dict like `res.settings[i]`")
+    if 'strength' in s: raise ValueError(
+        f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
+        f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
+        f"img2img as a chain (`run_chain` / `replay_chain`)")
     kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
     with replaying(pipe, s):
         return generate(pipe, s['prompt'], seed=s['seed'], negative_prompt=s.get('negative_prompt') or None,

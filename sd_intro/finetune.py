@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file, load_file
 from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, EMBEDDED_MODEL, _real, _whole
 from .embedded import diffusion_loss, EVAL_PROMPTS
-from .shapes import BASE_SHAPES, HELD_OUT, COLOURS, random_scene, render, caption, to_pil
+from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, random_scene, render, caption, to_pil
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'LORA_TARGETS', 'METHODS', 'RUN_FIELDS',
@@ -197,18 +197,23 @@ def write_shapes_folder(folder: str | os.PathLike, # where to write (created; mu
                        ) -> Path:
     "Write a captioned imagefolder of the shapes world: `n_new` pictures of `new_shape` and `n_old` of the base shapes."
     folder = Path(folder)
+    if new_shape not in SHAPES: raise ValueError(f"new_shape={new_shape!r} is not a shape of this world: one of {list(SHAPES)}")
+    for k, v in (('n_new', n_new), ('n_old', n_old)):
+        if not isinstance(v, int) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
+    if n_new + n_old == 0: raise ValueError("n_new and n_old are both 0: ask for at least one picture")
     if folder.exists() and any(folder.iterdir()): raise FileExistsError(f"{folder} is not empty; pass a new or empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     rng, lines = random.Random(seed), []
-    for i in range(n_new + n_old):
-        new = i < n_new
-        scene = random_scene(rng, shapes=(new_shape,) if new else BASE_SHAPES)
-        kinds = NEW_CAPTION_KINDS if new else OLD_CAPTION_KINDS
-        text = caption(scene, rng, rng.choices(list(kinds), weights=list(kinds.values()))[0])
-        name = f"{'new' if new else 'old'}-{i:04d}.png"
-        to_pil(render(scene)).save(folder / name)
-        lines.append(json.dumps({'file_name': name, 'text': text}))
-    (folder / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
+    with atomic_dir(folder) as tmp:   # Ctrl-C half-way leaves no folder of pictures without their metadata.jsonl
+        for i in range(n_new + n_old):
+            new = i < n_new
+            scene = random_scene(rng, shapes=(new_shape,) if new else BASE_SHAPES)
+            kinds = NEW_CAPTION_KINDS if new else OLD_CAPTION_KINDS
+            text = caption(scene, rng, rng.choices(list(kinds), weights=list(kinds.values()))[0])
+            name = f"{'new' if new else 'old'}-{i:04d}.png"
+            to_pil(render(scene)).save(tmp / name)
+            lines.append(json.dumps({'file_name': name, 'text': text}))
+        (tmp / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
     return folder
 
 # %% ../nbs/04_finetuning.ipynb #0cb56a23

@@ -91,9 +91,17 @@ def _target_size(size, img: Image.Image) -> tuple[int, int, str]:
     if hasattr(size, 'unet'):
         d = pipe_defaults(size)
         return d['width'], d['height'], "the model's size"
-    w, h = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+    if isinstance(size, str): raise TypeError(
+        f"load_image: size={size!r}: pass a pipeline (size=pipe, the model's size), an int or (width, height)")
+    if isinstance(size, (int, np.integer)): size_wh = (size, size)
+    elif isinstance(size, (tuple, list)) and len(size) == 2: size_wh = tuple(size)
+    else: raise TypeError(f"load_image: size={size!r}: pass an int (square), (width, height), a pipeline, or None")
+    w, h = size_wh
+    if any(isinstance(v, (int, np.integer)) and v > 4096 for v in (w, h)):
+        raise ValueError(f"load_image: size={size!r} is larger than 4096 pixels on a side; Stable Diffusion v1 works "
+                         f"at 512, the embedded model at 64")
     if not all(isinstance(v, (int, np.integer)) and v > 0 and v % 8 == 0 for v in (w, h)):
-        r8 = lambda v: max(8, int(round(float(v) / 8)) * 8)
+        r8 = lambda v: max(8, int(round(float(v) / 8)) * 8) if isinstance(v, (int, float, np.number)) else 64
         raise ValueError(f"load_image: size={size!r}: width and height must be positive multiples of 8 (the VAE "
                          f"shrinks pictures 8 times); try size={(r8(w), r8(h))}, or size=pipe for the model's size.")
     return int(w), int(h), f'size={size!r}'
@@ -109,7 +117,10 @@ def load_image(url_or_path_or_image: str | os.PathLike | Image.Image | np.ndarra
     elif isinstance(src, np.ndarray):
         if src.dtype != np.uint8 or src.ndim not in (2, 3): raise TypeError(
             f"load_image: {_ARG} is an array of {src.dtype} with shape {src.shape}; pass uint8 HxW or HxWx3/4 pixels")
-        img, shown = Image.fromarray(src), 'the given array'
+        if src.ndim == 3 and src.shape[-1] not in (1, 3, 4): raise TypeError(
+            f"load_image: {_ARG} is an array of shape {src.shape}, which looks channels-first; pass height x width x "
+            f"channels: arr.transpose(1, 2, 0)")
+        img, shown = Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[-1] == 1 else src), 'the given array'
     elif _is_url(src): img, shown = _open(_download(src, cache_dir), repr(src), from_url=True), repr(src)
     elif isinstance(src, (str, os.PathLike)):
         if isinstance(src, str) and '://' in src: raise ValueError(
@@ -350,6 +361,13 @@ class Hop:
     keep: int = 0                  # index of the image carried on to the next hop
     negative_prompt: str = ''
     def __post_init__(self):
+        if not isinstance(self.prompt, str): raise TypeError(f"Hop prompt={self.prompt!r}: pass the prompt as a str")
+        if not isinstance(self.negative_prompt, str): raise TypeError(
+            f"Hop negative_prompt={self.negative_prompt!r}: pass a str ('' for none)")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise TypeError(f"Hop seed={self.seed!r}: use a whole number (the images use seed, seed+1, ...)")
+        if not isinstance(self.strength, (int, float, np.number)) or not 0 < self.strength <= 1:
+            raise ValueError(f"Hop strength={self.strength!r}: use more than 0 (keep the picture) and at most 1 (redraw it)")
         if not isinstance(self.n, int) or self.n < 1: raise ValueError(f"Hop n={self.n!r}: make at least 1 image")
         if not isinstance(self.keep, int) or not 0 <= self.keep < self.n:
             raise ValueError(f"Hop keep={self.keep!r}: must index one of the n={self.n} images (0 to {self.n - 1})")
@@ -391,8 +409,16 @@ class Chain:
             inp = g.images[h['keep']]
         return image_grid(imgs, cols=cols, labels=labels, scale=scale)
     def save(self, path) -> Path:
-        "Write the record as JSON."
-        path = Path(path); path.write_text(json.dumps(self.record, indent=1)); return path
+        "Write the record as JSON (whole or not at all); `replay_chain` reads it back."
+        path = Path(path)
+        if path.suffix.lower() != '.json': raise ValueError(f"path={str(path)!r}: a chain record is JSON; use a .json name")
+        if not path.parent.is_dir(): raise FileNotFoundError(
+            f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
+        tmp = path.with_name(f".{path.name}.tmp")
+        try: tmp.write_text(json.dumps(self.record, indent=1)); os.replace(tmp, path)
+        finally:
+            if tmp.exists(): tmp.unlink()
+        return path
     def _repr_png_(self): return self.grid()._repr_png_()
 
 # %% ../nbs/03_img2img.ipynb #8961c70d
@@ -439,8 +465,17 @@ def replay_chain(record: dict | str | os.PathLike, # a `Chain.record`, or the JS
                  cache_dir=None
                 ) -> Chain:
     "Make every picture of a recorded chain again."
-    if not isinstance(record, dict): record = json.loads(Path(record).read_text())
+    if isinstance(record, (str, os.PathLike)):
+        try: record = json.loads(Path(record).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"replay_chain: {str(record)!r} is not a chain record (JSON written by `Chain.save`): "
+                             f"{type(e).__name__}") from None
+    if isinstance(record, Chain): record = record.record
+    if not isinstance(record, dict): raise TypeError(f"replay_chain: record is a {type(record).__name__}; pass a "
+                                                     f"`Chain.record` dict or the path of a file `Chain.save` wrote")
     if record.get('kind') != 'sd_intro.chain': raise ValueError("replay_chain: record is not a chain record (kind != 'sd_intro.chain')")
+    missing = [k for k in ('width', 'height', 'start', 'hops') if k not in record]
+    if missing: raise ValueError(f"replay_chain: the record lacks {missing}; it was not written by `run_chain`")
     i2i = img2img_pipeline(pipe)
     size, st = (record['width'], record['height']), record['start']
     if start is not None: img = load_image(start, size=size, cache_dir=cache_dir)

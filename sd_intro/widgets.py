@@ -457,6 +457,9 @@ def save(self: Playground,
         self.show("Nothing to save yet: press Generate first.", 'warn'); return None
     shot = self.history[self.selected]
     target = Path(str(path if path is not None else self.save_path.value).strip() or '.').expanduser()
+    if target.suffix and target.suffix.lower() != '.png' and not target.is_dir():
+        self.show(f"Could not save to {str(target)!r}: the settings live in PNG text chunks, so use a .png name, or a "
+                  f"folder to save into.", 'error'); return None
     try:
         if target.suffix.lower() != '.png':
             target.mkdir(parents=True, exist_ok=True)

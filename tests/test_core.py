@@ -292,3 +292,14 @@ def test_broken_and_missing_folders_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r'pipeline folder is there but could not be loaded'): load_pipeline(broken)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no folder of that name in .*not a Hub id"): load_pipeline('my-model')
+
+
+def test_save_image_and_replay_mistakes(pipe, tmp_path):
+    res = generate(pipe, 'a red circle', seed=[1, 2], num_inference_steps=2)
+    with pytest.raises(TypeError, match=r'Generation of 2 images; save one at a time'): save_image(res, tmp_path / 'a.png')
+    with pytest.raises(TypeError, match=r'settings is a list of 2'): save_image(res[0], tmp_path / 'a.png', res.settings)
+    one = generate(pipe, 'a red circle', seed=3, num_inference_steps=2)
+    assert read_settings(save_image(one, tmp_path / 'one.png'))['seed'] == 3          # a one-image Generation is fine
+    with pytest.raises(ValueError, match=r'settings have no seed'): replay({'prompt': 'x'}, pipe)
+    with pytest.raises(ValueError, match=r'from img2img .*starting image'): replay({**one.settings[0], 'strength': 0.5}, pipe)
+    assert not any(p.name.startswith('.') for p in tmp_path.iterdir())              # no temporary files left

@@ -293,3 +293,19 @@ def test_other_precision_in_the_same_process(data, tmp_path):
     b = ft.finetune(data, tmp_path / 'b', method='lora', steps=1, mixed_precision='bf16', **FAST)
     c = ft.finetune(data, tmp_path / 'c', method='lora', steps=1, mixed_precision='no', **FAST)
     assert np.isfinite(b.losses[0]) and abs(b.losses[0] - a.losses[0]) < 0.05 and c.losses == a.losses
+
+
+def test_write_shapes_folder_is_whole_or_absent(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"new_shape='dragon' is not a shape of this world"):
+        ft.write_shapes_folder(tmp_path / 'a', n_new=2, n_old=0, new_shape='dragon')
+    assert not (tmp_path / 'a').exists()
+    calls, real = [], ft.render
+    def render(scene):   # Ctrl-C at the third picture
+        calls.append(scene)
+        if len(calls) == 3: raise KeyboardInterrupt
+        return real(scene)
+    monkeypatch.setattr(ft, 'render', render)
+    with pytest.raises(KeyboardInterrupt): ft.write_shapes_folder(tmp_path / 'b', n_new=4, n_old=0)
+    assert list(tmp_path.iterdir()) == []                      # no half-written folder, no temporary one
+    monkeypatch.setattr(ft, 'render', real)
+    assert len(ft.load_captioned(ft.write_shapes_folder(tmp_path / 'b', n_new=4, n_old=0))) == 4   # the rerun works

@@ -314,3 +314,36 @@ def test_bad_hops(pipe):
         run_chain(pipe, draw_sketch(size=64), [])
     with pytest.raises(ValueError, match="not a chain record"):
         replay_chain({'prompt': 'x'}, pipe)
+
+
+@pytest.mark.parametrize('size,err,msg', [('model', TypeError, 'size=pipe'), ((64,), TypeError, r'\(width, height\)'),
+                                          (64.0, TypeError, 'pass an int'), (100_000, ValueError, 'larger than 4096'),
+                                          ((60, 64), ValueError, r'try size=\(64, 64\)')])
+def test_load_image_sizes(size, err, msg):
+    with pytest.raises(err, match=msg): load_image(sketch_path(), size=size)
+
+
+def test_load_image_channels_first_array():
+    with pytest.raises(TypeError, match=r'channels-first.*transpose\(1, 2, 0\)'): load_image(np.zeros((3, 16, 16), np.uint8))
+    assert load_image(np.zeros((16, 16, 1), np.uint8)).size == (16, 16)
+
+
+@pytest.mark.parametrize('kw,err,msg', [(dict(prompt=None), TypeError, 'pass the prompt as a str'),
+                                        (dict(prompt='a star', seed='31'), TypeError, "seed='31'"),
+                                        (dict(prompt='a star', strength=0), ValueError, 'strength=0'),
+                                        (dict(prompt='a star', negative_prompt=None), TypeError, "'' for none")])
+def test_hop_checks_its_fields(kw, err, msg):
+    with pytest.raises(err, match=msg): Hop(**kw)
+
+
+def test_chain_save_and_replay_mistakes(pipe, tmp_path):
+    chain = run_chain(pipe, sketch_path(), [Hop('a red star on a white background', strength=0.5, steps=STEPS)])
+    with pytest.raises(ValueError, match='use a .json name'): chain.save(tmp_path / 'c.png')
+    with pytest.raises(FileNotFoundError, match='does not exist; create it first'): chain.save(tmp_path / 'no' / 'c.json')
+    p = chain.save(tmp_path / 'c.json')
+    assert sorted(x.name for x in tmp_path.iterdir()) == ['c.json']                 # no temporary file left
+    with pytest.raises(ValueError, match='is not a chain record'): replay_chain(sketch_path(), pipe)   # a PNG, not JSON
+    with pytest.raises(ValueError, match=r"lacks \['width'"): replay_chain({'kind': 'sd_intro.chain'}, pipe)
+    again = replay_chain(chain, pipe)                                                # a Chain itself is fine
+    assert np.array_equal(np.asarray(again.carried[-1]), np.asarray(chain.carried[-1]))
+    assert replay_chain(p, pipe).record == chain.record

@@ -243,3 +243,9 @@ def test_half_precision_pipeline_runs_previews_and_img2img():
         assert len(p.history) == 2 and p.last_run['steps'] == 3
     finally:
         p.stop(); assert p.wait(60)
+
+
+def test_save_to_a_non_png_name_is_refused_without_making_a_folder(pg, tmp_path):
+    assert pg.generate(wait=True)
+    assert pg.save(tmp_path / 'x.jpg') is None and 'use a .png name' in pg.message
+    assert not (tmp_path / 'x.jpg').exists()
