@@ -374,9 +374,11 @@ def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge
         _atomic_save(lambda p: save_file(net.state_dict(), str(p)), jpath)
     if judge_out: Path(judge_out).parent.mkdir(parents=True, exist_ok=True); shutil.copy(jpath, judge_out)
     from sd_intro import shapes
-    shapes._JUDGE.clear(); shapes.JUDGE_PATH = Path(judge_out or jpath)
-    parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
-                               caption_noise=caption_noise, device=device, log=log)
+    shapes._JUDGE.clear(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
+    shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge
+    try: parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
+                                    caption_noise=caption_noise, device=device, log=log)
+    finally: shapes.JUDGE_PATH = was                # only while training: the process keeps the judge it had
     pipe = assemble(parts)
     with atomic_dir(out) as tmp: pipe.save_pretrained(tmp, safe_serialization=True)
     return pipe

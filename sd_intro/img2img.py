@@ -449,7 +449,10 @@ def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are 
     hops = [_as_hop(h) for h in hops]
     if not hops: raise ValueError("run_chain: hops is empty; pass at least one Hop")
     source = start if _is_url(start) else str(Path(start).expanduser().resolve()) if isinstance(start, (str, os.PathLike)) else None
-    img = load_image(start, size=i2i if isinstance(size, str) and size == 'model' else size, cache_dir=cache_dir)
+    fit = isinstance(size, str) and size == 'model'
+    with warnings.catch_warnings():
+        if fit: warnings.simplefilter('ignore', ResizeNote)   # fitting to the model is what size='model' asks for
+        img = load_image(start, size=i2i if fit else size, cache_dir=cache_dir)
     if embed_start is None: embed_start = source is None
     d = pipe_defaults(i2i)
     record = dict(kind='sd_intro.chain', version=1, model=d['model'], sampler=_sampler(i2i), width=img.width,

@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_shapes.ipynb #1c996099
 from __future__ import annotations
-import math, random
+import math, os, random
+from collections.abc import Iterable
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 import numpy as np
@@ -188,6 +189,14 @@ class JudgeNet(nn.Module):
 def to_tensor(imgs) -> torch.Tensor:
     "Images (PIL images, or uint8 arrays N x H x W x 3 / H x W x 3) as a float tensor N x 3 x 64 x 64 in [-1, 1]."
     if isinstance(imgs, (Image.Image, np.ndarray)) and np.asarray(imgs).ndim == 3: imgs = [imgs]
+    if isinstance(imgs, (str, os.PathLike)) or not isinstance(imgs, Iterable): raise TypeError(
+        f"imgs is a {type(imgs).__name__}; pass PIL images or uint8 arrays (open files with Image.open)")
+    imgs = list(imgs)
+    for i in imgs:
+        if isinstance(i, Image.Image): continue
+        if not isinstance(i, np.ndarray) or i.ndim != 3 or i.shape[-1] != 3: raise TypeError(
+            f"each image must be a PIL image or an H x W x 3 uint8 array, not {type(i).__name__}"
+            f"{' of shape ' + str(i.shape) if hasattr(i, 'shape') else ''}")
     arrs = [np.asarray(to_pil(i).convert('RGB').resize((SIZE, SIZE), Image.BILINEAR) if isinstance(i, Image.Image)
                        else i, np.float32) for i in imgs]
     if not arrs: raise ValueError("imgs is empty: pass at least one image")
@@ -251,8 +260,9 @@ def judge(images,       # PIL images or uint8 arrays (a single image is fine)
           net=None      # a `JudgeNet` (default: the shipped one)
          ) -> list[dict]:
     "Read each image into {attribute: (value, confidence)} for colour, shape, background and style."
+    x = to_tensor(images)   # checks the images before any weights are loaded
     net = net or load_judge()
-    out = net.eval()(to_tensor(images))
+    out = net.eval()(x)
     probs = {k: v.softmax(-1) for k, v in out.items()}
     res = []
     for i in range(len(next(iter(probs.values())))):
@@ -262,6 +272,11 @@ def judge(images,       # PIL images or uint8 arrays (a single image is fine)
 # %% ../nbs/10_shapes.ipynb #45e9abf5
 def adherence(images, prompts, net=None) -> dict:
     "Fraction of images whose judged attributes match what each prompt names (per attribute named)."
+    if isinstance(prompts, str): raise TypeError("adherence: prompts is one str; pass one prompt per image, e.g. "
+                                                 "[prompt] * len(images)")
+    images, prompts = list(images), list(prompts)
+    if len(images) != len(prompts): raise ValueError(f"adherence: {len(images)} images but {len(prompts)} prompts; "
+                                                     f"pass one prompt per image")
     verdicts = judge(images, net)
     hits, counts = {}, {}
     for v, p in zip(verdicts, prompts):

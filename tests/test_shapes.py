@@ -1,6 +1,7 @@
 "The shapes world, its judge and the embedded model's training recipe (issue: shapes world)."
 import random
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -123,5 +124,17 @@ def test_a_resumed_run_keeps_the_tokenizer_it_started_with(tmp_path, monkeypatch
     monkeypatch.setattr(E, 'train_vae', lambda *a, **k: 1.0)            # every training stage is skipped
     monkeypatch.setattr(E, 'train_judge', lambda *a, **k: torch.nn.Linear(1, 1))
     monkeypatch.setattr(E, 'train_unet', lambda parts, *a, **k: parts['unet'])
+    import sd_intro.shapes as S
+    before = S.JUDGE_PATH
     for _ in range(2): E.make_embedded(tmp_path / 'out', tmp_path / 'work', log=lambda s: None)
     assert len(calls) == 1 and (tmp_path / 'work' / 'tokenizer' / 'tokenizer.json').exists()
+    assert S.JUDGE_PATH == before   # the recipe's own judge is used while it trains, not left as the process's judge
+
+
+def test_judge_and_adherence_name_bad_input():
+    from sd_intro.shapes import adherence, judge
+    img = Image.new('RGB', (64, 64), 'red')
+    with pytest.raises(TypeError, match='pass PIL images'): judge('a.png')
+    with pytest.raises(TypeError, match='H x W x 3 uint8 array'): judge([np.zeros((64, 64), np.uint8)])
+    with pytest.raises(TypeError, match='prompts is one str'): adherence([img], 'a red star')
+    with pytest.raises(ValueError, match='2 images but 1 prompts'): adherence([img, img], ['a red star'])
