@@ -487,7 +487,13 @@ def save_image(img: Image.Image,  # the image
 # %% ../nbs/00_core.ipynb #c1277417
 def read_settings(src: str | os.PathLike | Image.Image) -> dict:
     "The settings stored in a PNG by `save_image` or by the AUTOMATIC1111 web UI."
-    img = src if isinstance(src, Image.Image) else Image.open(src)
+    if isinstance(src, Image.Image): img = src
+    else:
+        try: img = Image.open(src)
+        except (OSError, ValueError) as e:   # a missing file keeps its FileNotFoundError; a non-image says so
+            if isinstance(e, FileNotFoundError): raise
+            raise ValueError(f"read_settings: {str(src)!r} is not an image ({type(e).__name__}); pass a PNG written "
+                             f"by `save_image` or the AUTOMATIC1111 web UI") from None
     text = img.info.get('parameters')
     if text is None: raise ValueError(f"{getattr(img, 'filename', None) or src!r} has no 'parameters' text chunk: it was not saved with its settings")
     return parse_parameters(text)

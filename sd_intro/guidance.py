@@ -20,6 +20,10 @@ __all__ = ['SEED_SCALES', 'encode_prompts', 'predicted_x0', 'denoise', 'decode',
 # %% ../nbs/02_guidance.ipynb #1f1abade
 def _prompt_list(prompt, n=None) -> list[str]:
     "One prompt per image: `prompt` repeated `n` times, or the list as given."
+    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
+    if not isinstance(prompt, (str, list, tuple)): raise TypeError(
+        f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
     prompts = [prompt] * (n or 1) if isinstance(prompt, str) else list(prompt)
     if not prompts: raise ValueError("prompt: no prompts given")
     if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
@@ -143,6 +147,8 @@ def initial_latents(pipe,             # a loaded pipeline
                    ) -> torch.Tensor:
     "Starting noise for txt2img, drawn as diffusers' pipeline draws it (one generator per image)."
     from diffusers.utils.torch_utils import randn_tensor
+    if not all(isinstance(g, torch.Generator) for g in gens): raise TypeError(
+        "initial_latents: gens must be torch.Generators, one per image: pass generators(seeds), not the seeds")
     d = pipe_defaults(pipe)
     height, width = height or d['height'], width or d['width']
     f = pipe.vae_scale_factor

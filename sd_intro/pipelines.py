@@ -25,6 +25,7 @@ def decode_latents(pipe,                 # a Stable Diffusion pipeline (for its 
                   ) -> list[Image.Image]:
     "Decode `latents` into PIL images with `pipe`'s VAE, as the pipeline does at the end of a call."
     vae = pipe.vae
+    if not isinstance(batch_size, int) or batch_size < 1: raise ValueError(f"batch_size={batch_size!r}: use 1 or more")
     if latents.ndim != 4: raise ValueError(f"latents: expected N x C x h x w, got shape {tuple(latents.shape)}")
     if latents.shape[1] != vae.config.latent_channels:
         raise ValueError(f"latents have {latents.shape[1]} channels but this VAE takes {vae.config.latent_channels}")

@@ -183,3 +183,14 @@ def test_local_checkpoint_folder(pipe, tmp_path):
     ours = sample(local, PROMPT, seed=0, num_inference_steps=STEPS)
     assert px(ours.images, generate(pipe, PROMPT, seed=0, num_inference_steps=STEPS).images) == 0
     assert ours.settings[0]['model'] == str(tmp_path / 'sd')   # a local checkpoint is recorded by its folder
+
+
+def test_sweep_and_helper_mistakes(pipe):
+    from sd_intro.core import generators
+    with pytest.raises(TypeError, match=r'scales=7.5: pass a list'): guidance_sweep(pipe, PROMPT, scales=7.5)
+    with pytest.raises(ValueError, match=r"n='2'"): guidance_sweep(pipe, PROMPT, n='2')
+    with pytest.raises(ValueError, match=r'n=-1'): guidance_sweep(pipe, PROMPT, n=-1)
+    with pytest.raises(ValueError, match=r'num_inference_steps=0'): guidance_sweep(pipe, PROMPT, num_inference_steps=0)
+    with pytest.raises(ValueError, match=r'height=60'): sample(pipe, PROMPT, height=60, num_inference_steps=STEPS)
+    with pytest.raises(TypeError, match=r'pass generators\(seeds\), not the seeds'): initial_latents(pipe, [0, 1])
+    assert initial_latents(pipe, generators([0, 1])).shape[0] == 2
