@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from .pipelines import x0_from_prediction
 from .core import (Generation, SAMPLER_NAMES, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
                            seeds_for)
 
@@ -53,15 +54,10 @@ def predicted_x0(pipe,                   # the pipeline whose scheduler made `mo
     "The clean latents (x0) that a UNet prediction at timestep `t` points to: decodable with `decode`."
     sched = pipe.scheduler
     sigmas, i = getattr(sched, 'sigmas', None), getattr(sched, 'step_index', None)
-    if sigmas is not None and i is not None:   # sigma-parametrised schedulers (Euler, LMS, DPM-Solver...)
-        abar = 1 / (1 + sigmas[i].to(model_input.device, torch.float32) ** 2)
-    else: abar = sched.alphas_cumprod[int(t)].to(model_input.device, torch.float32)
-    a, s = abar.sqrt().to(model_input.dtype), (1 - abar).sqrt().to(model_input.dtype)
-    kind = sched.config.get('prediction_type', 'epsilon')
-    if kind == 'epsilon': return (model_input - s * model_output) / a
-    if kind == 'v_prediction': return a * model_input - s * model_output
-    if kind == 'sample': return model_output
-    raise ValueError(f"prediction_type={kind!r} is not one of 'epsilon', 'v_prediction', 'sample'")
+    if sigmas is not None and i is not None:   # sigma-parametrised schedulers (Euler, LMS, DPM-Solver...): their
+        abar = 1 / (1 + float(sigmas[i]) ** 2)  # scaled input x / sqrt(sigma^2 + 1) is variance-preserving with this abar
+    else: abar = sched.alphas_cumprod[int(t)]
+    return x0_from_prediction(model_output, model_input, abar, sched.config.get('prediction_type', 'epsilon'))
 
 # %% ../nbs/02_guidance.ipynb #3d47b02b
 def _step_kwargs(sched, generator=None, eta: float = 0.0) -> dict:

@@ -14,8 +14,8 @@ from PIL import Image
 from .core import generate, image_grid, scheduler_for, SAMPLER_NAMES, Generation, _whole, check_steps
 
 # %% auto #0
-__all__ = ['decode_latents', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress', 'timesteps_for', 'steps_sweep',
-           'sweep_table', 'markdown_table', 'swapped_scheduler', 'scheduler_sweep']
+__all__ = ['decode_latents', 'x0_from_prediction', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress',
+           'timesteps_for', 'steps_sweep', 'sweep_table', 'markdown_table', 'swapped_scheduler', 'scheduler_sweep']
 
 # %% ../nbs/01_pipelines.ipynb #d41762fc
 @torch.no_grad()
@@ -38,21 +38,29 @@ def decode_latents(pipe,                 # a Stable Diffusion pipeline (for its 
     return out
 
 # %% ../nbs/01_pipelines.ipynb #0cf691f4
+def x0_from_prediction(model_output: torch.Tensor, # what the UNet predicted
+                       sample: torch.Tensor,       # the latents x_t it was given, variance-preserving: sqrt(abar) x0 + sqrt(1-abar) noise
+                       alpha_bar: float | torch.Tensor, # the signal share abar at that step
+                       prediction_type: str = 'epsilon' # the scheduler's `prediction_type`
+                      ) -> torch.Tensor:
+    "The clean latents x0 that a noise (or v, or sample) prediction implies; computed in float32, returned in `sample`'s dtype."
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float32, device=sample.device)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    x, m = sample.float(), model_output.float()
+    if prediction_type == 'epsilon': x0 = (x - s * m) / a
+    elif prediction_type == 'v_prediction': x0 = a * x - s * m
+    elif prediction_type == 'sample': x0 = m
+    else: raise ValueError(f"prediction_type={prediction_type!r} is not one of 'epsilon', 'v_prediction', 'sample'")
+    return x0.to(sample.dtype)
+
 def predict_x0(scheduler,                   # a diffusers scheduler with `alphas_cumprod` (DDIM, DPM-Solver++, ...)
                model_output: torch.Tensor,  # the (guided) UNet output at `timestep`
                timestep: int | torch.Tensor, # the timestep the UNet was given
                sample: torch.Tensor         # the latents x_t the UNet was given, unscaled (variance-preserving)
               ) -> torch.Tensor:
-    "The final latents x0 that a noise (or v, or sample) prediction implies, from the scheduler's `alphas_cumprod`."
-    ac = scheduler.alphas_cumprod[int(timestep)].to(torch.float32)
-    a, s = ac.sqrt().item(), (1 - ac).sqrt().item()
-    kind = scheduler.config.prediction_type
-    x, m = sample.float(), model_output.float()
-    if kind == 'epsilon': x0 = (x - s * m) / a
-    elif kind == 'v_prediction': x0 = a * x - s * m
-    elif kind == 'sample': x0 = m
-    else: raise ValueError(f"prediction_type={kind!r} is not one of 'epsilon', 'v_prediction', 'sample'")
-    return x0.to(sample.dtype)
+    "The final latents x0 that a prediction at `timestep` implies, from the scheduler's `alphas_cumprod`."
+    return x0_from_prediction(model_output, sample, scheduler.alphas_cumprod[int(timestep)],
+                              scheduler.config.get('prediction_type', 'epsilon'))
 
 # %% ../nbs/01_pipelines.ipynb #c9113d4a
 def _sigma_scale(scheduler) -> float:
