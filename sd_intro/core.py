@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
            'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
            'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'check_size', 'check_call', 'Generation',
-           'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir', 'save_image',
-           'read_settings', 'replaying', 'replay']
+           'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir', 'save_pipeline',
+           'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -454,6 +454,21 @@ def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+# %% ../nbs/00_core.ipynb #bb7429c5
+def save_pipeline(pipe,                     # a Stable Diffusion pipeline
+                  folder: str | os.PathLike # where to write it (replaced whole, atomically)
+                 ) -> Path:
+    "`pipe.save_pretrained(folder)` in safetensors, whole or not at all, with the CLIP text encoder under its classic weight names."
+    from safetensors.torch import load_file, save_file
+    with quiet_loading(), atomic_dir(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        f = tmp / 'text_encoder' / 'model.safetensors'
+        if f.is_file() and type(getattr(pipe, 'text_encoder', None)).__name__ == 'CLIPTextModel':
+            w = load_file(f)
+            if not any(k.startswith('text_model.') for k in w):
+                save_file({f"text_model.{k}": v for k, v in w.items()}, f, metadata={'format': 'pt'})
+    return Path(folder)
 
 # %% ../nbs/00_core.ipynb #94a3d4eb
 def save_image(img: Image.Image,  # the image

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from .shapes import (COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence)
-from .core import atomic_dir
+from .core import atomic_dir, save_pipeline
 
 # %% auto #0
 __all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'UNET_STEPS', 'N_IMAGES',
@@ -380,7 +380,7 @@ def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge
                                     caption_noise=caption_noise, device=device, log=log)
     finally: shapes.JUDGE_PATH = was                # only while training: the process keeps the judge it had
     pipe = assemble(parts)
-    with atomic_dir(out) as tmp: pipe.save_pretrained(tmp, safe_serialization=True)
+    save_pipeline(pipe, out)   # atomically, in the layout every allowed transformers reads
     return pipe
 
 # %% ../nbs/11_embedded.ipynb #d75d68b4

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
-from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, EMBEDDED_MODEL, _real, _whole
+from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, save_pipeline, EMBEDDED_MODEL, _real, _whole
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, random_scene, render, caption, to_pil
 
@@ -559,21 +559,15 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
     "Save `out/pipeline` (full: a whole pipeline) or `out/lora` (LoRA weights), atomically."
     from diffusers import StableDiffusionPipeline
     dest = Path(out) / ('pipeline' if method == 'full' else 'lora')
+    if method == 'full': return save_pipeline(pipe, dest)   # a whole pipeline, loadable by every allowed version
+    from peft.utils import get_peft_model_state_dict
+    from diffusers.utils import convert_state_dict_to_diffusers
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    meta = {}  # the adapter's rank and alpha travel with the weights (diffusers >= 0.34 reads them back)
+    if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        meta['unet_lora_adapter_metadata'] = pipe.unet.peft_config['default'].to_dict()
     with atomic_dir(dest) as tmp:
-        if method == 'full':
-            from transformers.utils import logging as tlog
-            was = tlog.is_progress_bar_enabled(); tlog.disable_progress_bar()  # no "Writing model shards" bars
-            try: pipe.save_pretrained(tmp, safe_serialization=True)
-            finally:
-                if was: tlog.enable_progress_bar()
-        else:
-            from peft.utils import get_peft_model_state_dict
-            from diffusers.utils import convert_state_dict_to_diffusers
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-            meta = {}  # the adapter's rank and alpha travel with the weights (diffusers >= 0.34 reads them back)
-            if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-                meta['unet_lora_adapter_metadata'] = pipe.unet.peft_config['default'].to_dict()
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, **meta)
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, **meta)
     return dest
 
 # %% ../nbs/04_finetuning.ipynb #5a9131c9

@@ -303,3 +303,25 @@ def test_save_image_and_replay_mistakes(pipe, tmp_path):
     with pytest.raises(ValueError, match=r'settings have no seed'): replay({'prompt': 'x'}, pipe)
     with pytest.raises(ValueError, match=r'from img2img .*starting image'): replay({**one.settings[0], 'strength': 0.5}, pipe)
     assert not any(p.name.startswith('.') for p in tmp_path.iterdir())              # no temporary files left
+
+
+def test_every_weight_of_the_shipped_model_loads():
+    "A library version that cannot map a weight name leaves it random with only a log line: check none is left out."
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    for cls, sub in ((CLIPTextModel, 'text_encoder'), (UNet2DConditionModel, 'unet'), (AutoencoderKL, 'vae')):
+        _, info = cls.from_pretrained(EMBEDDED_MODEL, subfolder=sub, output_loading_info=True)
+        assert not info['missing_keys'] and not info['unexpected_keys'], (sub, info)
+
+
+def test_save_pipeline_writes_classic_text_encoder_names_and_reloads_the_same(pipe, tmp_path):
+    from safetensors.torch import load_file
+    from sd_intro.core import save_pipeline
+    out = save_pipeline(pipe, tmp_path / 'copy')
+    keys = list(load_file(out / 'text_encoder' / 'model.safetensors'))
+    assert keys and all(k.startswith('text_model.') for k in keys)          # the names every transformers 5.x reads
+    again = load_pipeline(out)
+    a = generate(pipe, 'a red star on a blue background', seed=1, num_inference_steps=4)[0]
+    b = generate(again, 'a red star on a blue background', seed=1, num_inference_steps=4)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['copy']            # written atomically: no temporary folder
