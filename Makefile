@@ -5,6 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 TORCH ?= torch>=2.6
+CONSTRAINTS ?=    # e.g. tests/oldest.txt: install the oldest supported releases (use another VENV for it)
 
 .PHONY: install course test sync lint-sync bench bench-gpu clean
 
@@ -14,7 +15,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" $(if $(strip $(CONSTRAINTS)),-c $(strip $(CONSTRAINTS)))
 
 course: install
 	cd nbs && ../$(BIN)/jupyter lab
