@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
-           'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
+           'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for', 'sampler_name',
            'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'check_size', 'check_call', 'Generation',
            'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir', 'save_pipeline',
            'save_image', 'read_settings', 'replaying', 'replay']
@@ -100,6 +100,7 @@ def resolve_model(model: str | os.PathLike | None = None) -> str:
     "The model to load: `model`, else `$SD_INTRO_MODEL`, else the embedded model ('embedded'); deleted Hub ids map to their mirrors."
     model = str(model) if model is not None else (os.environ.get('SD_INTRO_MODEL') or EMBEDDED_MODEL)
     if model == EMBEDDED_NAME: return EMBEDDED_MODEL
+    if model.startswith('~'): model = str(Path(model).expanduser())
     if model in MOVED_MODELS:
         warnings.warn(f"{model!r} was deleted from the Hugging Face Hub; loading its community mirror "
                       f"{MOVED_MODELS[model]!r} instead.")
@@ -178,6 +179,7 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
     if 'torch_dtype' in kwargs:   # the diffusers docs' spelling
         if dtype is not None: raise TypeError("load_pipeline: pass dtype= or torch_dtype=, not both")
         dtype = kwargs.pop('torch_dtype')
+        if dtype == 'auto': dtype = None   # diffusers' 'auto': here, float16 on CUDA and float32 elsewhere
     if hasattr(model, 'components') and (device is not None or dtype is not None):
         raise ValueError("load_pipeline: device= and dtype= apply when loading from disk; a loaded pipeline keeps "
                          "its own (move it with pipe.to(device, dtype) first; its parts are shared)")
@@ -240,6 +242,7 @@ def _seed_error(seed, what='seed') -> Exception:
 def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
     "`n` seeds: `seed, seed+1, ...` for an int, the list itself for a list, random ones for None."
     if seed is None: return [int(s) for s in np.random.randint(0, 2**31 - 1, n)]
+    if isinstance(seed, np.ndarray) and seed.ndim == 0: seed = seed.item()
     if _whole(seed): seed = [int(seed) + i for i in range(n)]
     elif isinstance(seed, (str, bytes, float, bool)) or torch.is_tensor(seed) and seed.ndim == 0 \
             or not isinstance(seed, Iterable): raise _seed_error(seed)
@@ -258,10 +261,16 @@ SAMPLER_NAMES = {'DDIMScheduler': 'DDIM', 'PNDMScheduler': 'PLMS', 'LMSDiscreteS
                  'DPMSolverMultistepScheduler': 'DPM++ 2M', 'HeunDiscreteScheduler': 'Heun',
                  'KDPM2DiscreteScheduler': 'DPM2', 'UniPCMultistepScheduler': 'UniPC', 'DDPMScheduler': 'DDPM'}
 
+def sampler_name(scheduler) -> str:
+    "The sampler's name as settings record it: ours or the AUTOMATIC1111 web UI's, with ' Karras' on Karras sigmas."
+    name = SAMPLER_NAMES.get(type(scheduler).__name__, type(scheduler).__name__)
+    return name + (' Karras' if scheduler.config.get('use_karras_sigmas') else '')
+
 def scheduler_for(sampler: str):
-    "The diffusers scheduler class for a sampler name (ours or the AUTOMATIC1111 web UI's)."
+    "The diffusers scheduler class for a sampler name (ours or the AUTOMATIC1111 web UI's; ' Karras' names the same class)."
     import diffusers
     names = {v: k for k, v in SAMPLER_NAMES.items()}
+    if isinstance(sampler, str) and sampler.endswith(' Karras'): sampler = sampler[:-len(' Karras')]
     cls = names.get(sampler, sampler)
     if not hasattr(diffusers, cls): raise ValueError(f"sampler={sampler!r} is not a known sampler: one of {list(names)}")
     return getattr(diffusers, cls)
@@ -320,24 +329,33 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
     names, kwargs = pipe_params(pipe), dict(kwargs)
     if names is not None:
         for k in kwargs:
+            if k == 'return_dict': raise TypeError("generate: return_dict= is not for generate, which reads the "
+                                                   "pipeline's output object; call pipe(...) directly for a tuple")
             if k not in names or k in ('prompt', 'negative_prompt', 'generator', 'num_images_per_prompt'):
                 raise TypeError(f"generate: {type(pipe).__name__} takes no {k}= here; {_meant(pipe, k, names)}")
     bad = [p for p in prompts if not isinstance(p, str)]
     if bad: raise TypeError(f"prompt: {bad[0]!r} is a {type(bad[0]).__name__}; pass a str or a list of str")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise TypeError(f"negative_prompt={negative_prompt!r}: pass one str (it applies to every image) or None")
+    if isinstance(negative_prompt, (list, tuple)):
+        if len(negative_prompt) != len(prompts) or not all(isinstance(x, str) for x in negative_prompt):
+            raise TypeError(f"negative_prompt: {len(negative_prompt)} for {len(prompts)} prompts; pass one str for "
+                            f"every image, or a list of str with one per prompt")
+    elif negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise TypeError(f"negative_prompt={negative_prompt!r}: pass a str (it applies to every image), a list of str "
+                        f"(one per prompt), or None")
     check_steps(num_inference_steps, pipe)
     check_size(kwargs.get('height'), kwargs.get('width'), pipe)
     if names is not None and 'image' in names and 'strength' in names:    # img2img
         if kwargs.get('image') is None: raise ValueError(
             "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
         im = kwargs['image']
-        if isinstance(im, (str, os.PathLike, np.ndarray)) or isinstance(im, Image.Image) and im.mode != 'RGB':
+        if isinstance(im, (str, os.PathLike)) or isinstance(im, np.ndarray) and im.dtype == np.uint8 \
+                or isinstance(im, Image.Image) and im.mode != 'RGB':   # float arrays/tensors in [0, 1]: as diffusers takes them
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
         st = kwargs.get('strength', inspect.signature(pipe.__call__).parameters['strength'].default)
         if not _real(st) or not 0 < st <= 1:
             raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
+        kwargs['strength'] = st   # recorded with the image even when it is the pipeline's default
         if int(num_inference_steps * st) < 1:
             raise ValueError(f"img2img runs int(num_inference_steps x strength) = int({num_inference_steps} x {st}) = 0 "
                              f"steps: raise num_inference_steps to at least {math.ceil(1 / st)}, or the strength")
@@ -380,7 +398,8 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
     if not isinstance(prompt, (str, list, tuple)): raise TypeError(
         f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
     if n is not None and (not _whole(n) or n < 1): raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
-    many_seeds = seed is not None and not _whole(seed) and isinstance(seed, (list, tuple, np.ndarray, range))
+    many_seeds = seed is not None and not _whole(seed) and isinstance(seed, (list, tuple, range)) or \
+                 isinstance(seed, np.ndarray) and seed.ndim == 1
     prompts = [prompt] * (n or (len(seed) if many_seeds else 1)) if isinstance(prompt, str) else list(prompt)
     if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
     if not prompts: raise ValueError("prompt: no prompts given")
@@ -390,7 +409,8 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
     d = pipe_defaults(pipe)
     if 'image' not in kwargs:  # img2img takes its size from the starting image
         kwargs.setdefault('height', d['height']); kwargs.setdefault('width', d['width'])
-    neg = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    neg = None if negative_prompt is None else list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) \
+          else [negative_prompt] * len(prompts)
     out = pipe(prompts, negative_prompt=neg, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                generator=generators(seeds), **kwargs)
     nsfw = list(getattr(out, 'nsfw_content_detected', None) or [False] * len(prompts))
@@ -401,10 +421,10 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
     w, h = (first.size if isinstance(first, Image.Image) else tuple(first.shape[-1:-3:-1]) if torch.is_tensor(first)
             else (first.shape[-2], first.shape[-3]))
     settings = []
-    for p, s, f in zip(prompts, seeds, nsfw):
-        st = dict(prompt=p, negative_prompt=negative_prompt or '', seed=s, steps=num_inference_steps,
+    for p, s, f, ng in zip(prompts, seeds, nsfw, neg or [''] * len(prompts)):
+        st = dict(prompt=p, negative_prompt=ng or '', seed=s, steps=num_inference_steps,
                   guidance_scale=guidance_scale, width=w, height=h,
-                  sampler=SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__),
+                  sampler=sampler_name(pipe.scheduler),
                   model=d['model'], nsfw=bool(f))
         if 'strength' in kwargs: st['strength'] = kwargs['strength']
         settings.append(st)
@@ -486,7 +506,7 @@ def save_image(img: Image.Image,  # the image
         f"save_image: settings is a list of {len(settings)}; pass the one for this image, e.g. res.settings[i]")
     if settings is not None and not isinstance(settings, dict):
         raise TypeError(f"save_image: settings is a {type(settings).__name__}; pass a dict (`res.settings[i]`) or None")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.suffix.lower() != '.png': raise ValueError(f"path={str(path)!r}: settings live in PNG text chunks; use a .png name")
     if not path.parent.exists(): raise FileNotFoundError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
     info = PngImagePlugin.PngInfo()
@@ -504,7 +524,7 @@ def read_settings(src: str | os.PathLike | Image.Image) -> dict:
     "The settings stored in a PNG by `save_image` or by the AUTOMATIC1111 web UI."
     if isinstance(src, Image.Image): img = src
     else:
-        try: img = Image.open(src)
+        try: img = Image.open(Path(src).expanduser())
         except (OSError, ValueError) as e:   # a missing file keeps its FileNotFoundError; a non-image says so
             if isinstance(e, FileNotFoundError): raise
             raise ValueError(f"read_settings: {str(src)!r} is not an image ({type(e).__name__}); pass a PNG written "
@@ -524,9 +544,12 @@ def replaying(pipe,            # the pipeline that will replay
     key = lambda m: Path(EMBEDDED_MODEL if str(m) == EMBEDDED_NAME else str(m)).name  # older records hold the path
     if settings.get('model') and key(settings['model']) != key(model):
         warnings.warn(f"{what} were made with model {settings['model']!r}; replaying on {model!r} gives other pictures.")
-    old = pipe.scheduler
-    want = scheduler_for(settings['sampler']) if settings.get('sampler') else type(old)
-    if type(old) is not want: pipe.scheduler = want.from_config(old.config)
+    old, name = pipe.scheduler, settings.get('sampler') or ''
+    want = scheduler_for(name) if name else type(old)
+    karras = name.endswith(' Karras')   # AUTOMATIC1111's "DPM++ 2M Karras": the same solver on Karras sigmas
+    if type(old) is not want or karras != bool(old.config.get('use_karras_sigmas')):
+        pipe.scheduler = want.from_config(old.config, **({'use_karras_sigmas': karras} if 'use_karras_sigmas' in
+                                                         inspect.signature(want.__init__).parameters else {}))
     try: yield pipe
     finally: pipe.scheduler = old
 
@@ -535,6 +558,9 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
            pipe                                          # the pipeline to run (its scheduler is swapped if needed)
           ) -> Image.Image:
     "Make the image described by `src` again."
+    if hasattr(src, 'components'): raise TypeError("replay(src, pipe): the PNG or settings come first, then the pipeline")
+    if isinstance(src, Generation): raise TypeError("replay: src is a Generation; pass one image's settings, "
+                                                    "e.g. replay(res.settings[i], pipe)")
     s = src if isinstance(src, dict) else read_settings(src)
     missing = [k for k in ('prompt', 'seed') if k not in s]
     if missing: raise ValueError(f"replay: the settings have no {' or '.join(missing)}; pass a PNG written by "

@@ -196,10 +196,11 @@ def write_shapes_folder(folder: str | os.PathLike, # where to write (created; mu
                         new_shape: str = HELD_OUT   # the shape to teach
                        ) -> Path:
     "Write a captioned imagefolder of the shapes world: `n_new` pictures of `new_shape` and `n_old` of the base shapes."
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir(): raise FileExistsError(f"folder={str(folder)!r} is a file; pass a folder")
     if new_shape not in SHAPES: raise ValueError(f"new_shape={new_shape!r} is not a shape of this world: one of {list(SHAPES)}")
     for k, v in (('n_new', n_new), ('n_old', n_old)):
-        if not isinstance(v, int) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
+        if not _whole(v) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
     if n_new + n_old == 0: raise ValueError("n_new and n_old are both 0: ask for at least one picture")
     if folder.exists() and any(folder.iterdir()): raise FileExistsError(f"{folder} is not empty; pass a new or empty folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -372,6 +373,10 @@ class FinetuneConfig:
         need(self.validation_seeds or not self.validation_prompts, 'validation_seeds',
              "give at least one seed for the validation prompts, e.g. (0,)")
         self.validation_seeds = tuple(int(s) for s in self.validation_seeds)
+        for f in dataclasses.fields(self):   # numpy numbers are fine; the run's config.json holds plain ones
+            v = getattr(self, f.name)
+            if isinstance(v, np.integer): setattr(self, f.name, int(v))
+            elif isinstance(v, np.floating): setattr(self, f.name, float(v))
 
     @classmethod
     def make(cls, config: FinetuneConfig | dict | None = None, **kwargs) -> FinetuneConfig:
@@ -592,7 +597,8 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
     if cfg.mixed_precision == 'fp16' and accelerator is None and not torch.cuda.is_available():
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU (on a CPU, half-precision layers fail to run): use "
                          "mixed_precision='no' here, or 'bf16'")
-    out = Path(out)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
     results = [r for r in ('pipeline', 'lora') if (out / r).is_dir()]
     if results and not cfg.overwrite:
         raise FileExistsError(f"{out} already holds the result of a finished run ({', '.join(results)}/): pass "
@@ -600,6 +606,7 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
     acc = accelerator or _accelerator(cfg.mixed_precision)
     out, rank, world, device = Path(out), acc.process_index, acc.num_processes, acc.device
     weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+    if isinstance(model, os.PathLike): model = str(model)
     model_name = model if isinstance(model, str) or model is None else (getattr(model, 'sd_intro_model', '') or model.config.get('_name_or_path', ''))
     model_name = resolve_model(model_name or None)
 

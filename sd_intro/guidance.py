@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from .pipelines import x0_from_prediction
-from .core import (Generation, SAMPLER_NAMES, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
+from .core import (Generation, SAMPLER_NAMES, sampler_name, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
                            seeds_for)
 
 # %% auto #0
@@ -163,7 +163,7 @@ class Sampled(Generation):
 def _settings(pipe, prompts, seeds, negative_prompt, steps, guidance_scale, height, width, nsfw):
     "One settings dict per image, with the keys `generate` writes (for `save_image` and `replay`)."
     d = pipe_defaults(pipe)
-    sampler = SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__)
+    sampler = sampler_name(pipe.scheduler)
     return [dict(prompt=p, negative_prompt=negative_prompt or '', seed=s, steps=steps, guidance_scale=guidance_scale,
                  width=width, height=height, sampler=sampler, model=d['model'], nsfw=bool(f))
             for p, s, f in zip(prompts, seeds, nsfw)]
@@ -230,6 +230,7 @@ def guidance_sweep(pipe,                           # a loaded txt2img pipeline
                    height: int | None = None, width: int | None = None
                   ) -> Sweep:
     "One row of images per guidance scale, all in one batched denoising loop: the same pixels as one `generate` per scale."
+    if torch.is_tensor(scales) or isinstance(scales, np.ndarray): scales = scales.tolist()
     if isinstance(scales, (int, float, np.number, str)):
         raise TypeError(f"scales={scales!r}: pass a list of guidance scales, e.g. scales=[{scales}]")
     for s in scales: check_guidance(s, negative_prompt)

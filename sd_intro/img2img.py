@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 import sd_intro
-from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for,
+from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name,
                            check_guidance, replaying, Generation, SAMPLER_NAMES)
 from .shapes import COLOURS
 
@@ -202,7 +202,7 @@ def img2img_pipeline(pipe):
         pipe._sd_intro_img2img = i2i
     return i2i
 
-def _sampler(pipe) -> str: return SAMPLER_NAMES.get(type(pipe.scheduler).__name__, type(pipe.scheduler).__name__)
+def _sampler(pipe) -> str: return sampler_name(pipe.scheduler)
 
 # %% ../nbs/03_img2img.ipynb #aa90ec31
 def steps_run(num_inference_steps: int, # the `num_inference_steps` passed to the pipeline
@@ -368,8 +368,13 @@ class Hop:
             raise TypeError(f"Hop seed={self.seed!r}: use a whole number (the images use seed, seed+1, ...)")
         if not isinstance(self.strength, (int, float, np.number)) or not 0 < self.strength <= 1:
             raise ValueError(f"Hop strength={self.strength!r}: use more than 0 (keep the picture) and at most 1 (redraw it)")
-        if not isinstance(self.n, int) or self.n < 1: raise ValueError(f"Hop n={self.n!r}: make at least 1 image")
-        if not isinstance(self.keep, int) or not 0 <= self.keep < self.n:
+        self.strength = float(self.strength)
+        for k in ('n', 'keep', 'steps', 'seed'):   # numpy numbers are fine, and the JSON record holds plain ones
+            v = getattr(self, k)
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool): setattr(self, k, int(v))
+        if isinstance(self.guidance_scale, np.number): self.guidance_scale = float(self.guidance_scale)
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1: raise ValueError(f"Hop n={self.n!r}: make at least 1 image")
+        if not isinstance(self.keep, int) or isinstance(self.keep, bool) or not 0 <= self.keep < self.n:
             raise ValueError(f"Hop keep={self.keep!r}: must index one of the n={self.n} images (0 to {self.n - 1})")
         if not isinstance(self.steps, int) or self.steps < 1: raise ValueError(f"Hop steps={self.steps!r}: use a whole number >= 1")
         if steps_run(self.steps, self.strength) < 1:
@@ -410,7 +415,7 @@ class Chain:
         return image_grid(imgs, cols=cols, labels=labels, scale=scale)
     def save(self, path) -> Path:
         "Write the record as JSON (whole or not at all); `replay_chain` reads it back."
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.suffix.lower() != '.json': raise ValueError(f"path={str(path)!r}: a chain record is JSON; use a .json name")
         if not path.parent.is_dir(): raise FileNotFoundError(
             f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
@@ -446,6 +451,7 @@ def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are 
              ) -> Chain:
     "Run img2img hop after hop, each from the picture the last one kept, and record everything needed to replay it."
     i2i = img2img_pipeline(pipe)
+    if isinstance(hops, (Hop, dict)): hops = [hops]   # one hop
     hops = [_as_hop(h) for h in hops]
     if not hops: raise ValueError("run_chain: hops is empty; pass at least one Hop")
     source = start if _is_url(start) else str(Path(start).expanduser().resolve()) if isinstance(start, (str, os.PathLike)) else None

@@ -194,9 +194,12 @@ def to_tensor(imgs) -> torch.Tensor:
     imgs = list(imgs)
     for i in imgs:
         if isinstance(i, Image.Image): continue
-        if not isinstance(i, np.ndarray) or i.ndim != 3 or i.shape[-1] != 3: raise TypeError(
+        if not isinstance(i, np.ndarray) or i.ndim != 3 or i.shape[-1] != 3 or i.dtype != np.uint8: raise TypeError(
             f"each image must be a PIL image or an H x W x 3 uint8 array, not {type(i).__name__}"
-            f"{' of shape ' + str(i.shape) if hasattr(i, 'shape') else ''}")
+            f"{' of shape ' + str(i.shape) if hasattr(i, 'shape') else ''}"
+            f"{' and dtype ' + str(i.dtype) if hasattr(i, 'dtype') else ''} (floats in [0, 1]: (x * 255).round().astype(np.uint8))")
+        if i.shape[:2] != (SIZE, SIZE): raise ValueError(f"an array image is {i.shape[1]}x{i.shape[0]}; the judge reads "
+                                                         f"{SIZE}x{SIZE}: pass PIL images (resized for you) or resize it")
     arrs = [np.asarray(to_pil(i).convert('RGB').resize((SIZE, SIZE), Image.BILINEAR) if isinstance(i, Image.Image)
                        else i, np.float32) for i in imgs]
     if not arrs: raise ValueError("imgs is empty: pass at least one image")

@@ -457,7 +457,7 @@ def save(self: Playground,
         self.show("Nothing to save yet: press Generate first.", 'warn'); return None
     shot = self.history[self.selected]
     target = Path(str(path if path is not None else self.save_path.value).strip() or '.').expanduser()
-    if target.suffix and target.suffix.lower() != '.png' and not target.is_dir():
+    if target.suffix.lower() in ('.jpg', '.jpeg', '.webp', '.gif', '.bmp', '.tif', '.tiff') and not target.is_dir():
         self.show(f"Could not save to {str(target)!r}: the settings live in PNG text chunks, so use a .png name, or a "
                   f"folder to save into.", 'error'); return None
     try:

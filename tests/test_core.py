@@ -230,7 +230,7 @@ def test_settings_name_the_embedded_model_portably_and_old_path_records_still_re
     (dict(num_inference_steps=True), ValueError, 'num_inference_steps=True'),
     (dict(height=0), ValueError, 'height=0: use a multiple of 8'),
     (dict(width=100_000), ValueError, 'width=100000'),
-    (dict(negative_prompt=['x']), TypeError, 'negative_prompt='),
+    (dict(negative_prompt=['x', 'y']), TypeError, 'negative_prompt: 2 for 1 prompts'),
     (dict(prompt=123), TypeError, 'prompt=123 is a int'),
     (dict(prompt=['a', None]), TypeError, 'None is a NoneType'),
 ])
@@ -325,3 +325,31 @@ def test_save_pipeline_writes_classic_text_encoder_names_and_reloads_the_same(pi
     b = generate(again, 'a red star on a blue background', seed=1, num_inference_steps=4)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['copy']            # written atomically: no temporary folder
+
+
+def test_calls_the_checks_must_not_refuse(pipe, tmp_path, monkeypatch):
+    "Legitimate variations found by probing: each must work, not be refused."
+    g = generate(pipe, ['a red star', 'a blue circle'], negative_prompt=['green', 'yellow'], num_inference_steps=2)
+    assert [s['negative_prompt'] for s in g.settings] == ['green', 'yellow']
+    assert generate(pipe, 'a red star', seed=np.array(7), num_inference_steps=2).settings[0]['seed'] == 7
+    i2i = load_pipeline(pipe, kind='img2img')
+    start = generate(pipe, 'a red star', num_inference_steps=2, output_type='np').images[0]   # floats in [0, 1]
+    d = generate(i2i, 'a blue star', image=start, num_inference_steps=4)
+    assert d.settings[0]['strength'] == 0.8            # the pipeline's default strength is recorded, not left out
+    assert load_pipeline(torch_dtype='auto').unet.dtype == torch.float32
+    monkeypatch.setenv('HOME', str(tmp_path))
+    p = save_image(g[0], '~/a.png', g.settings[0])
+    assert p == tmp_path / 'a.png' and read_settings('~/a.png')['negative_prompt'] == 'green'
+    with pytest.raises(TypeError, match=r'replay\(src, pipe\)'): replay(pipe, p)
+
+
+def test_automatic1111_karras_samplers_replay_on_karras_sigmas(pipe):
+    from diffusers import DPMSolverMultistepScheduler
+    from sd_intro.pipelines import swapped_scheduler
+    karras = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with swapped_scheduler(pipe, karras):
+        g = generate(pipe, 'a red star on a blue background', seed=4, num_inference_steps=4)
+    assert g.settings[0]['sampler'] == 'DPM++ 2M Karras'
+    again = replay(g.settings[0], pipe)               # from the pipeline's own DDIM: swaps to DPM++ on Karras sigmas
+    assert np.abs(np.asarray(again, int) - np.asarray(g[0], int)).max() <= 1
+    assert type(pipe.scheduler).__name__ == 'DDIMScheduler'   # restored

@@ -309,3 +309,14 @@ def test_write_shapes_folder_is_whole_or_absent(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []                      # no half-written folder, no temporary one
     monkeypatch.setattr(ft, 'render', real)
     assert len(ft.load_captioned(ft.write_shapes_folder(tmp_path / 'b', n_new=4, n_old=0))) == 4   # the rerun works
+
+
+def test_numpy_settings_a_path_model_and_home_folders(data, tmp_path, monkeypatch):
+    from pathlib import Path
+    monkeypatch.setenv('HOME', str(tmp_path))
+    res = ft.finetune(data, '~/run', model=Path(EMBEDDED_MODEL), method='lora', steps=np.int64(1),
+                      lr=np.float32(1e-3), batch_size=np.int64(4), progress=False)
+    assert res.saved == tmp_path / 'run' / 'lora' and json.loads((tmp_path / 'run' / 'config.json').read_text())['steps'] == 1
+    assert not (Path.cwd() / '~').exists()
+    (tmp_path / 'afile').write_text('x')
+    with pytest.raises(FileExistsError, match='is a file; pass a folder'): ft.finetune(data, tmp_path / 'afile', steps=1, **FAST)

@@ -347,3 +347,11 @@ def test_chain_save_and_replay_mistakes(pipe, tmp_path):
     again = replay_chain(chain, pipe)                                                # a Chain itself is fine
     assert np.array_equal(np.asarray(again.carried[-1]), np.asarray(chain.carried[-1]))
     assert replay_chain(p, pipe).record == chain.record
+
+
+def test_numpy_hops_and_a_single_hop(pipe, tmp_path, monkeypatch):
+    hop = Hop('a red star on a white background', strength=np.float32(0.5), steps=np.int64(4), n=np.int64(1))
+    chain = run_chain(pipe, sketch_path(), hop)                     # one Hop, not a list: fine
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert chain.save('~/c.json') == tmp_path / 'c.json'            # plain numbers in the JSON, ~ expanded
+    assert json.loads((tmp_path / 'c.json').read_text())['hops'][0]['steps'] == 4

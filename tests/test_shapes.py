@@ -138,3 +138,8 @@ def test_judge_and_adherence_name_bad_input():
     with pytest.raises(TypeError, match='H x W x 3 uint8 array'): judge([np.zeros((64, 64), np.uint8)])
     with pytest.raises(TypeError, match='prompts is one str'): adherence([img], 'a red star')
     with pytest.raises(ValueError, match='2 images but 1 prompts'): adherence([img, img], ['a red star'])
+
+
+def test_judge_refuses_float_arrays_that_would_read_as_black():
+    from sd_intro.shapes import judge
+    with pytest.raises(TypeError, match=r'astype\(np.uint8\)'): judge([np.ones((64, 64, 3), np.float32)])
