@@ -76,7 +76,8 @@ def main():
             res = finetune(data[mixed], work / name, progress=False, validation_prompts=VALIDATION, validation_seeds=(0,),
                            checkpoint_every=max(1, settings['steps'] // 2), **settings)
             wall, cpu = time.time() - t, time.process_time() - c
-            res.grid(scale=2).save(OUT / f"finetune-{name}.png")
+            lr_tag = f"-lr{a.full_lr:g}" if a.full_lr and settings['method'] == 'full' else ''   # a sweep keeps the shipped grids
+            res.grid(scale=2).save(OUT / f"finetune-{name}{lr_tag}.png")
             s = score(res.pipe)
             row = dict(name=name, method=settings['method'], ema=bool(settings.get('ema')), old_pictures=a.n_old if mixed else 0,
                        steps=settings['steps'], seconds=round(res.seconds, 1), wall=round(wall, 1), cpu=round(cpu, 1),

@@ -210,7 +210,7 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
     opts.update(kwargs)
     if model == EMBEDDED_MODEL: opts.update(safety_checker=None, requires_safety_checker=False)
     try:
-        with quiet_loading(bars=model == EMBEDDED_MODEL):   # it loads in a blink; a real checkpoint keeps its bars
+        with quiet_loading(bars=Path(model).is_dir()):   # a local folder loads in seconds; downloads keep their bars
             pipe = cls.from_pretrained(model, **opts)
     except (OSError, EnvironmentError, ValueError) as e:
         if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
