@@ -213,6 +213,9 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
         with quiet_loading(bars=Path(model).is_dir()):   # a local folder loads in seconds; downloads keep their bars
             pipe = cls.from_pretrained(model, **opts)
     except (OSError, EnvironmentError, ValueError) as e:
+        if opts.get('variant') and 'variant' in str(e):
+            raise ValueError(f"model={model!r} has no variant={opts['variant']!r} weights; leave out variant= "
+                             f"(on CUDA, load_pipeline takes fp16 weights by itself where a checkpoint has them)") from e
         if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
             raise ValueError(f"model={model!r} has only pickled .bin weights; sd_intro loads safetensors only. Convert "
                              f"them (load once and `save_pretrained(..., safe_serialization=True)`).") from e

@@ -353,3 +353,7 @@ def test_automatic1111_karras_samplers_replay_on_karras_sigmas(pipe):
     again = replay(g.settings[0], pipe)               # from the pipeline's own DDIM: swaps to DPM++ on Karras sigmas
     assert np.abs(np.asarray(again, int) - np.asarray(g[0], int)).max() <= 1
     assert type(pipe.scheduler).__name__ == 'DDIMScheduler'   # restored
+
+
+def test_a_variant_the_folder_lacks_is_named():
+    with pytest.raises(ValueError, match=r"has no variant='fp16' weights; leave out variant="): load_pipeline(variant='fp16')
