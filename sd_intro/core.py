@@ -31,7 +31,7 @@ def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
                scale: int = 1               # enlarge every tile this many times (nearest neighbour)
               ) -> Image.Image:
     "Paste `imgs` into one picture of `rows` x `cols` tiles, optionally labelled."
-    imgs = list(imgs)
+    imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
     if not imgs: raise ValueError("image_grid: imgs is empty; pass at least one image")
     bad = next((im for im in imgs if not isinstance(im, Image.Image)), None)
     if bad is not None: raise TypeError(f"image_grid: a tile is a {type(bad).__name__}; pass PIL images (Image.open for "
@@ -367,6 +367,19 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         raise ValueError(f"num_inference_steps={num_inference_steps}: PLMS (PNDMScheduler) with Runge-Kutta warm-up "
                          f"steps needs at least 4; raise the steps, or use it as SD checkpoints ship it: "
                          f"PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)")
+    cb = kwargs.get('callback_on_step_end')
+    if cb is not None and not hasattr(cb, 'tensor_inputs'):   # a plain function (diffusers' callback classes are fine)
+        if not callable(cb): raise TypeError(f"callback_on_step_end={cb!r} is not callable; pass a function "
+                                             f"f(pipe, step, timestep, callback_kwargs) that returns callback_kwargs")
+        def checked(p, i, t, kw):
+            out = cb(p, i, t, kw)
+            if not isinstance(out, dict): raise TypeError(
+                f"callback_on_step_end returned {type(out).__name__}; end it with `return callback_kwargs` (diffusers "
+                f"takes the latents back from that dict)")
+            return out
+        kwargs['callback_on_step_end'] = checked
+    if kwargs.get('latents') is not None: warnings.warn(
+        "latents= decides the starting noise, so the seeds these settings record will not make these pictures again")
     return kwargs
 
 # %% ../nbs/00_core.ipynb #84ec44cf

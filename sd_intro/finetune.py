@@ -707,8 +707,9 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
         if ema is not None: ema.step(params)
         value = acc.gather(total.reshape(1)).mean().item()
         if not np.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {step + 1}: lower the learning rate (lr={cfg.lr}), "
-                                     f"or use mixed_precision='bf16' instead of 'fp16'")
+            raise FloatingPointError(f"the loss became {value} at step {step + 1}: lower the learning rate (lr={cfg.lr})"
+                                     + (", or use mixed_precision='bf16' instead of 'fp16'" if acc.mixed_precision == 'fp16'
+                                        else ", or add a warm-up (warmup_steps=) and gradient clipping (max_grad_norm=1)"))
         losses.append(value)
         bar.update(1); bar.set_postfix(loss=f"{value:.4f}")
         done = step + 1

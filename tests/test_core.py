@@ -357,3 +357,15 @@ def test_automatic1111_karras_samplers_replay_on_karras_sigmas(pipe):
 
 def test_a_variant_the_folder_lacks_is_named():
     with pytest.raises(ValueError, match=r"has no variant='fp16' weights; leave out variant="): load_pipeline(variant='fp16')
+
+
+def test_a_callback_that_forgets_to_return_is_named(pipe):
+    with pytest.raises(TypeError, match=r'end it with `return callback_kwargs`'):
+        generate(pipe, 'a red star', num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: None)
+    with pytest.raises(TypeError, match='is not callable'): generate(pipe, 'a red star', num_inference_steps=2, callback_on_step_end=3)
+    seen = []
+    generate(pipe, 'a red star', num_inference_steps=2, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == [0, 1]
+    with pytest.warns(UserWarning, match='latents= decides the starting noise'):
+        generate(pipe, 'a red star', num_inference_steps=2, latents=torch.randn(1, 4, 8, 8))
+    assert image_grid(generate(pipe, 'a red star', num_inference_steps=2)[0]).size == (64, 64)   # one image is a grid of one
