@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
            'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for', 'sampler_name',
            'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'check_size', 'check_call', 'Generation',
-           'pipe_defaults', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir', 'save_pipeline',
-           'save_image', 'read_settings', 'replaying', 'replay']
+           'pipe_defaults', 'prompts_for', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir',
+           'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
@@ -296,10 +296,10 @@ _MEANT = {'steps': 'num_inference_steps', 'num_steps': 'num_inference_steps', 'g
           'negative': 'negative_prompt', 'seeds': 'seed', 'generator': 'seed', 'num_images_per_prompt': 'n',
           'callback': 'callback_on_step_end', 'callback_steps': 'callback_on_step_end', 'size': 'height and width'}
 
-def pipe_params(pipe) -> set[str] | None:
-    "The keywords `pipe(...)` takes by name, or None if it takes anything (a stand-in)."
-    ps = inspect.signature(pipe.__call__).parameters.values()
-    return {p.name for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} or None
+def pipe_params(pipe) -> dict[str, inspect.Parameter] | None:
+    "The keywords `pipe(...)` takes by name (with their defaults), or None if it takes anything (a stand-in)."
+    ps = inspect.signature(pipe.__call__).parameters
+    return {k: p for k, p in ps.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} or None
 
 def check_steps(num_inference_steps: int, pipe=None, what: str = 'num_inference_steps'):
     "A clear error unless the steps are a whole number from 1 to the scheduler's training steps."
@@ -316,7 +316,7 @@ def check_size(height: int | None, width: int | None, pipe=None):
                              f"times){trained}")
 
 # %% ../nbs/00_core.ipynb #3f3ed768
-def _meant(pipe, k: str, names: set[str]) -> str:
+def _meant(pipe, k: str, names: dict) -> str:
     "What keyword `k`, which `pipe` does not take, was meant to be."
     img2img = 'image' in names
     if k in ('image', 'strength') and not img2img:
@@ -325,7 +325,7 @@ def _meant(pipe, k: str, names: set[str]) -> str:
         return "img2img takes its size from the starting image: resize it with load_image(image, size=(width, height))"
     if k in _MEANT: return f"use {_MEANT[k]}="
     close = difflib.get_close_matches(k, sorted(names), 1)
-    return f"did you mean {close[0]}=?" if close else f"it takes {', '.join(sorted(names - {'prompt'}))}"
+    return f"did you mean {close[0]}=?" if close else f"it takes {', '.join(sorted(set(names) - {'prompt'}))}"
 
 def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, kwargs: dict) -> dict:
     "`generate`'s pipeline keywords, checked (a clear error for each mistake diffusers ignores or reports deep inside); paths to starting images loaded."
@@ -355,7 +355,7 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
                 or isinstance(im, Image.Image) and im.mode != 'RGB':   # float arrays/tensors in [0, 1]: as diffusers takes them
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
-        st = kwargs.get('strength', inspect.signature(pipe.__call__).parameters['strength'].default)
+        st = kwargs.get('strength', names['strength'].default)
         if not _real(st) or not 0 < st <= 1:
             raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
         kwargs['strength'] = st   # recorded with the image even when it is the pipeline's default
@@ -401,6 +401,20 @@ def pipe_defaults(pipe) -> dict:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return dict(height=size, width=size, model=getattr(pipe, 'sd_intro_model', '') or pipe.config.get('_name_or_path', ''))
 
+def prompts_for(prompt: str | Sequence[str], # one prompt, or one per image
+                n: int | None = None,        # number of images (default: one per seed of a list, else 1)
+                seed=None                    # the seeds, as `generate` takes them
+               ) -> list[str]:
+    "One prompt per image: `prompt` repeated `n` times (or once per seed in a list of seeds), or the list as given."
+    if n is not None and (not _whole(n) or n < 1): raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
+    if not isinstance(prompt, (str, list, tuple)): raise TypeError(
+        f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
+    many_seeds = isinstance(seed, (list, tuple, range)) or isinstance(seed, np.ndarray) and seed.ndim == 1
+    prompts = [prompt] * (n or (many_seeds and len(seed)) or 1) if isinstance(prompt, str) else list(prompt)
+    if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
+    if not prompts: raise ValueError("prompt: no prompts given")
+    return prompts
+
 def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
              prompt: str | Sequence[str], # one prompt, or one per image
              seed: int | Sequence[int] | None = 0, # an int (seeds seed, seed+1, ...), one per image, or None for random
@@ -411,14 +425,7 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
              **kwargs                     # passed to the pipeline (height, width, image, strength, callback_on_step_end...)
             ) -> Generation:
     "Run `pipe` with one CPU generator per image and return the images with the settings that made each."
-    if not isinstance(prompt, (str, list, tuple)): raise TypeError(
-        f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
-    if n is not None and (not _whole(n) or n < 1): raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
-    many_seeds = seed is not None and not _whole(seed) and isinstance(seed, (list, tuple, range)) or \
-                 isinstance(seed, np.ndarray) and seed.ndim == 1
-    prompts = [prompt] * (n or (len(seed) if many_seeds else 1)) if isinstance(prompt, str) else list(prompt)
-    if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
-    if not prompts: raise ValueError("prompt: no prompts given")
+    prompts = prompts_for(prompt, n, seed)
     kwargs = check_call(pipe, prompts, negative_prompt, num_inference_steps, kwargs)
     check_guidance(guidance_scale, negative_prompt)
     seeds = seeds_for(seed, len(prompts))

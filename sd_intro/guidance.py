@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 from .pipelines import x0_from_prediction
-from .core import (Generation, SAMPLER_NAMES, sampler_name, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
+from .core import (Generation, SAMPLER_NAMES, prompts_for, sampler_name, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
                            seeds_for)
 
 # %% auto #0
@@ -19,24 +19,13 @@ __all__ = ['SEED_SCALES', 'encode_prompts', 'predicted_x0', 'denoise', 'decode',
            'guidance_sweep']
 
 # %% ../nbs/02_guidance.ipynb #1f1abade
-def _prompt_list(prompt, n=None) -> list[str]:
-    "One prompt per image: `prompt` repeated `n` times, or the list as given."
-    if n is not None and (not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1):
-        raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
-    if not isinstance(prompt, (str, list, tuple)): raise TypeError(
-        f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
-    prompts = [prompt] * (n or 1) if isinstance(prompt, str) else list(prompt)
-    if not prompts: raise ValueError("prompt: no prompts given")
-    if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
-    return prompts
-
 def encode_prompts(pipe,                       # a loaded pipeline
                    prompt: str | Sequence[str],  # one prompt, or one per image
                    negative_prompt: str | Sequence[str] | None = None, # replaces the empty prompt as "without"
                    n: int = 1                    # images per prompt
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     "Text embeddings `(cond, uncond)`: of `prompt`, and of `negative_prompt` (or the empty prompt), `n` rows per prompt."
-    prompts = _prompt_list(prompt)
+    prompts = prompts_for(prompt)
     if negative_prompt is not None:
         negative_prompt = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negative_prompt) != len(prompts):
@@ -183,8 +172,7 @@ def sample(pipe,                        # a loaded txt2img pipeline
     check_steps(num_inference_steps, pipe)
     check_size(height, width, pipe)
     check_guidance(guidance_scale, negative_prompt)
-    many_seeds = seed is not None and not isinstance(seed, (int, np.integer))
-    prompts = _prompt_list(prompt, n or (len(seed) if many_seeds and isinstance(prompt, str) else None))
+    prompts = prompts_for(prompt, n, seed)
     seeds = seeds_for(seed, len(prompts))
     d = pipe_defaults(pipe)
     height, width = height or d['height'], width or d['width']
@@ -238,7 +226,7 @@ def guidance_sweep(pipe,                           # a loaded txt2img pipeline
     if not scales: raise ValueError("scales: no guidance scales given")
     check_steps(num_inference_steps, pipe)
     check_size(height, width, pipe)
-    prompts = _prompt_list(prompt, n if isinstance(prompt, str) else None)
+    prompts = prompts_for(prompt, n if isinstance(prompt, str) else None)
     if not isinstance(prompt, str) and n not in (None, len(prompts)):
         raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt, or a list of them with n=None")
     k, seeds = len(prompts), seeds_for(seed, len(prompts))

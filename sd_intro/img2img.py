@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 import sd_intro
-from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name,
+from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name, prompts_for, _whole,
                            check_guidance, replaying, Generation, SAMPLER_NAMES)
 from .shapes import COLOURS
 
@@ -334,9 +334,7 @@ def img2img_by_hand(pipe,                          # a loaded pipeline (txt2img 
     "Img2img on lesson 2's sampler: the same images as the img2img pipeline for the same seeds (no safety checker)."
     from sd_intro.guidance import encode_prompts, denoise, decode, Sampled
     check_guidance(guidance_scale, negative_prompt)
-    many = seed is not None and not isinstance(seed, (int, np.integer))
-    prompts = [prompt] * (n or (len(seed) if many else 1)) if isinstance(prompt, str) else list(prompt)
-    if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
+    prompts = prompts_for(prompt, n, seed)
     seeds = seeds_for(seed, len(prompts))
     gens = generators(seeds)
     cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
@@ -364,14 +362,14 @@ class Hop:
         if not isinstance(self.prompt, str): raise TypeError(f"Hop prompt={self.prompt!r}: pass the prompt as a str")
         if not isinstance(self.negative_prompt, str): raise TypeError(
             f"Hop negative_prompt={self.negative_prompt!r}: pass a str ('' for none)")
-        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+        if not _whole(self.seed):
             raise TypeError(f"Hop seed={self.seed!r}: use a whole number (the images use seed, seed+1, ...)")
         if not isinstance(self.strength, (int, float, np.number)) or not 0 < self.strength <= 1:
             raise ValueError(f"Hop strength={self.strength!r}: use more than 0 (keep the picture) and at most 1 (redraw it)")
         self.strength = float(self.strength)
         for k in ('n', 'keep', 'steps', 'seed'):   # numpy numbers are fine, and the JSON record holds plain ones
             v = getattr(self, k)
-            if isinstance(v, (int, np.integer)) and not isinstance(v, bool): setattr(self, k, int(v))
+            if _whole(v): setattr(self, k, int(v))
         if isinstance(self.guidance_scale, np.number): self.guidance_scale = float(self.guidance_scale)
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1: raise ValueError(f"Hop n={self.n!r}: make at least 1 image")
         if not isinstance(self.keep, int) or isinstance(self.keep, bool) or not 0 <= self.keep < self.n:
