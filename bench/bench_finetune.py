@@ -1,4 +1,4 @@
-"""Fine-tuning the embedded model on the held-out creature (lesson 4): full vs LoRA, with and without EMA.
+"""Fine-tuning the embedded model on the held-out creature (lesson 5): full vs LoRA, with and without EMA.
 
 Writes a captioned imagefolder (creatures, plus some base-shape pictures mixed in against forgetting), fine-tunes the
 embedded model on it once per configuration, and measures with the judge:
@@ -7,7 +7,7 @@ embedded model on it once per configuration, and measures with the judge:
   old       mean judged adherence (colour, shape, background) on the embedded model's fixed base-shape prompts
   retained  old after / old before (target: >= 90%)
 and the time of each fine-tune (target: <= 180 s on 2 CPU cores). Prints a table and writes it to
-bench/results/finetune.json, which nbs/04_finetuning.ipynb shows; validation grids go to bench/out/.
+bench/results/finetune.json, which nbs/05_finetuning.ipynb shows; validation grids go to bench/out/.
 Without the judge's weights it still times the runs and says the adherence columns need the judge.
 
     python bench/bench_finetune.py [--runs full full+ema lora lora+ema full-no-old] [--quick] [--threads 2]

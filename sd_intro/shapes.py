@@ -24,7 +24,7 @@ __all__ = ['COLOURS', 'BASE_SHAPES', 'HELD_OUT', 'SHAPES', 'STYLES', 'SIZE', 'CA
 COLOURS = {'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (240, 220, 40), 'green': (40, 170, 60),
            'blue': (40, 80, 220), 'purple': (140, 60, 190), 'white': (245, 245, 245), 'black': (20, 20, 20)}
 BASE_SHAPES = ('circle', 'square', 'triangle', 'star')
-HELD_OUT = 'creature'  # never in the base model's training set: lesson 4 teaches it
+HELD_OUT = 'creature'  # never in the base model's training set: lesson 5 teaches it
 SHAPES = BASE_SHAPES + (HELD_OUT,)
 STYLES = ('flat', 'outlined', 'striped')
 SIZE = 64
