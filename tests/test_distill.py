@@ -1,0 +1,138 @@
+"Lesson 7's distillation helpers: bad inputs named, runs written whole and resumed exactly, the shipped LCM-LoRA."
+import configparser, fnmatch, json, warnings
+from pathlib import Path
+from types import SimpleNamespace
+import pytest
+import torch
+from diffusers import LCMScheduler
+from safetensors.torch import load_file
+from sd_intro.core import EMBEDDED_MODEL, load_pipeline
+from sd_intro.finetune import model_fingerprint
+from sd_intro.distill import (LCM_INFO, LCM_LORA, LCM_WEIGHTS, DistillConfig, boundary_scalings, check_lcm, distill,
+                              few_step_quality, lcm_generate, lcm_info, lcm_max_steps, lcm_pipeline, main,
+                              skipping_timesteps)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(steps=3, batch_size=2, n_images=8, rank=2, ckpt_every=1)
+
+
+def stub(original_inference_steps=50):
+    "Just enough of an LCM pipeline for check_lcm."
+    return SimpleNamespace(scheduler=LCMScheduler(original_inference_steps=original_inference_steps),
+                           sd_intro_lcm=dict(w_min=3.0, w_max=8.0))
+
+
+def messages(**kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        check_lcm(stub(), 4, **kw)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize('steps', [0, 9, 30, 2.5, '4', None])
+def test_steps_outside_the_distilled_range(steps):
+    with pytest.raises(ValueError, match=r'num_inference_steps=.*distilled for 1 to 8 steps.*base model'):
+        check_lcm(stub(), steps)
+
+
+def test_a_shorter_skipping_schedule_lowers_the_limit():
+    assert lcm_max_steps(stub(4)) == 4
+    check_lcm(stub(4), 4)
+    with pytest.raises(ValueError, match='1 to 4 steps'): check_lcm(stub(4), 5)
+
+
+@pytest.mark.parametrize('scale', [-1, float('nan'), 'high', None])
+def test_bad_guidance_scale(scale):
+    with pytest.raises(ValueError, match='guidance_scale='): check_lcm(stub(), 4, scale)
+
+
+def test_ignored_arguments_are_named():
+    assert messages() == [] and messages(guidance_scale=1.5) == [] and messages(guidance_scale=2, negative_prompt='red') == []
+    [m] = messages(guidance_scale=0)
+    assert 'guidance_scale=0 is ignored' in m and 'scales 4 to 9' in m
+    [m] = messages(guidance_scale=7.5)
+    assert 'guidance_scale=7.5 guides again' in m
+    [m] = messages(negative_prompt='red')
+    assert "negative_prompt='red' is ignored" in m and 'raise guidance_scale above 1' in m
+    assert len(messages(guidance_scale=0.5, negative_prompt='red')) == 2
+
+
+def test_the_base_model_is_not_an_lcm():
+    base = load_pipeline()
+    with pytest.raises(TypeError, match='lcm_pipeline'): check_lcm(base, 4)
+    with pytest.raises(TypeError, match='LCMScheduler'): lcm_generate(base, 'a red circle')
+    with pytest.raises(TypeError, match='expected an LCM'): few_step_quality(base, base, n_prompts=1, n_seeds=1)
+
+
+def test_solver_and_boundary_match_lcmscheduler():
+    sch = LCMScheduler(original_inference_steps=50)
+    sch.set_timesteps(50)
+    assert skipping_timesteps().flip(0).tolist() == sch.timesteps.tolist()
+    for t in (0, 19, 259, 999):
+        assert torch.allclose(torch.stack(boundary_scalings(t)), torch.tensor(sch.get_scalings_for_boundary_condition_discrete(t)))
+
+
+@pytest.mark.parametrize('bad', [dict(steps=0), dict(batch_size=2.5), dict(lr=0), dict(rank=True), dict(w_min=9, w_max=3),
+                                 dict(w_min=float('nan')), dict(loss_type='l1'), dict(num_ddim_timesteps=7), dict(seed='0')])
+def test_bad_settings_are_named_before_anything_is_written(tmp_path, bad):
+    with pytest.raises(ValueError, match=list(bad)[0]): distill(tmp_path / 'lcm', **bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_write_nothing(tmp_path):
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['stepz'\]"): distill(tmp_path / 'lcm', stepz=3)
+    (tmp_path / 'lcm').mkdir()
+    with pytest.raises(FileExistsError, match='overwrite=True'): distill(tmp_path / 'lcm', **TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ['lcm']
+
+
+class Stop(Exception): pass
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path):
+    whole = distill(tmp_path / 'whole', log=None, **TINY)
+    def stop_at_2(msg):
+        if msg.startswith('step 2'): raise Stop
+    with pytest.raises(Stop): distill(tmp_path / 'cut', log=stop_at_2, **TINY)
+    assert not (tmp_path / 'cut').exists() and (tmp_path / 'cut-work' / 'checkpoint.pt').exists()
+    said = []
+    cut = distill(tmp_path / 'cut', log=said.append, **TINY)
+    assert said[0] == 'resumed at step 2'
+    a, b = load_file(whole / LCM_WEIGHTS), load_file(cut / LCM_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((cut / LCM_INFO).read_text())
+    assert info['steps'] == 3 and info['model'] == model_fingerprint() and info['device'] == 'cpu'
+    with pytest.raises(ValueError, match='other settings'):
+        distill(tmp_path / 'other', work=tmp_path / 'cut-work', **dict(TINY, lr=0.5))
+    assert not (tmp_path / 'other').exists()
+
+
+def test_command_line(tmp_path):
+    out = main(['--out', str(tmp_path / 'lcm'), '--steps', '1', '--batch_size', '2', '--n_images', '4', '--rank', '2'])
+    assert sorted(p.name for p in out.iterdir()) == [LCM_INFO, LCM_WEIGHTS]
+    assert lcm_info(out)['rank'] == 2
+
+
+def test_lcm_pipeline_loads_the_lora_on_a_copy():
+    base = load_pipeline()
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    lcm = lcm_pipeline()
+    assert lcm.unet is not base.unet and lcm.vae is base.vae and type(base.scheduler).__name__ == 'DDIMScheduler'
+    assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())
+    assert lcm.scheduler.config.original_inference_steps == lcm_info()['num_ddim_timesteps']
+    g = lcm_generate(lcm, 'a red circle on a blue background', seed=[0, 1], num_inference_steps=2)
+    assert len(g) == 2 and g.settings[0]['sampler'] and g.settings[0]['steps'] == 2
+    with pytest.raises(FileNotFoundError, match='no such folder'): lcm_pipeline(lora='no/such/folder/here')
+
+
+def test_the_shipped_lora_belongs_to_the_shipped_model_and_ships():
+    info = lcm_info()
+    assert (Path(LCM_LORA) / LCM_WEIGHTS).is_file()
+    assert info['model'] == model_fingerprint(), "distil the LCM-LoRA again: the embedded model changed"
+    size = sum(f.stat().st_size for d in (EMBEDDED_MODEL, LCM_LORA) for f in Path(d).rglob('*') if f.is_file())
+    assert size < 20 * 2**20, f"{size / 2**20:.1f} MB"
+    cfg = configparser.ConfigParser(); cfg.read(ROOT / 'settings.ini')
+    patterns = cfg['DEFAULT']['package_data'].split()
+    for f in Path(LCM_LORA).iterdir():
+        rel = f.relative_to(ROOT / 'sd_intro').as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in settings.ini's package_data"
