@@ -4,26 +4,25 @@
 
 # %% ../nbs/07_few_steps.ipynb #cdcc4135
 from __future__ import annotations
-import argparse, copy, json, math, os, random, shutil, time, warnings
+import argparse, copy, inspect, json, math, os, random, time, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Sequence
 import torch
 import torch.nn.functional as F
 import sd_intro
-from .core import load_pipeline, generate, atomic_dir, Generation, _real, _whole
+from .core import load_pipeline, generate, image_grid, atomic_dir, Generation, _real, _whole
 from .pipelines import x0_from_prediction
 from .embedded import cache_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import caption
-from .finetune import save_finetuned, model_fingerprint
+from .finetune import model_fingerprint
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'lcm_info', 'lcm_pipeline', 'is_lcm',
            'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'boundary_scalings',
-           'skipping_timesteps', 'ddim_step', 'lcm_loss', 'DistillConfig', 'distill', 'main']
+           'skipping_timesteps', 'ddim_step', 'lcm_loss', 'DistillConfig', 'save_lcm_lora', 'distill', 'main']
 
-# %% ../nbs/07_few_steps.ipynb #48002907
+# %% ../nbs/07_few_steps.ipynb #efcc4aba
 LCM_LORA = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-lcm-lora')  # the shipped distilled LoRA
 LCM_WEIGHTS = 'pytorch_lora_weights.safetensors'   # its file name (what `load_lora_weights(weight_name=...)` takes)
 LCM_INFO = 'distill.json'                           # the settings it was distilled with, beside the weights
@@ -31,7 +30,7 @@ LCM_MAX_STEPS = 8                                   # LCMs are distilled for 1-8
 LCM_LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'proj_in', 'proj_out', 'ff.net.0.proj', 'ff.net.2', 'conv1',
                     'conv2', 'conv_shortcut', 'downsamplers.0.conv', 'upsamplers.0.conv', 'time_emb_proj')  # LCM-LoRA's
 
-# %% ../nbs/07_few_steps.ipynb #e7d7b1cb
+# %% ../nbs/07_few_steps.ipynb #1b70b29c
 def lcm_info(lora: str | os.PathLike = LCM_LORA) -> dict:
     "The settings a distilled LoRA folder was made with (`distill.json`); defaults of the published LCM-LoRAs otherwise."
     f = Path(lora).expanduser() / LCM_INFO
@@ -39,7 +38,7 @@ def lcm_info(lora: str | os.PathLike = LCM_LORA) -> dict:
     if f.is_file(): info.update(json.loads(f.read_text()))
     return info
 
-# %% ../nbs/07_few_steps.ipynb #f084d9d8
+# %% ../nbs/07_few_steps.ipynb #db76afbc
 def lcm_pipeline(model=None,                       # the base model, as `load_pipeline` takes it (default: the embedded one)
                  lora: str | os.PathLike = LCM_LORA, # a folder (or Hub id) holding the LCM-LoRA weights
                  weight_name: str = LCM_WEIGHTS,    # the weights' file name in it
@@ -63,7 +62,7 @@ def lcm_pipeline(model=None,                       # the base model, as `load_pi
     pipe.sd_intro_lcm = info
     return pipe
 
-# %% ../nbs/07_few_steps.ipynb #22256f5f
+# %% ../nbs/07_few_steps.ipynb #7effbc22
 def is_lcm(pipe) -> bool: return type(getattr(pipe, 'scheduler', None)).__name__ == 'LCMScheduler'
 
 def lcm_max_steps(pipe) -> int:
@@ -82,8 +81,8 @@ def check_lcm(pipe, num_inference_steps: int, guidance_scale: float = 1.0, negat
                          f"(load_pipeline() and generate)")
     if not _real(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale!r}: use 1 (the guidance is baked in), or up to 2")
-    w = pipe.sd_intro_lcm if getattr(pipe, 'sd_intro_lcm', {}).get('w_min') else None
-    baked = f" (distilled with guidance scales {w['w_min'] + 1:g} to {w['w_max'] + 1:g})" if w else ''
+    w = getattr(pipe, 'sd_intro_lcm', None) or {}
+    baked = f" (distilled with guidance scales {w['w_min'] + 1:g} to {w['w_max'] + 1:g})" if w.get('w_min') is not None else ''
     if guidance_scale < 1:
         warnings.warn(f"guidance_scale={guidance_scale} is ignored: at 1 or below diffusers runs no classifier-free "
                       f"guidance, and this model's guidance is baked into its weights{baked}; 1 makes the same picture")
@@ -95,7 +94,7 @@ def check_lcm(pipe, num_inference_steps: int, guidance_scale: float = 1.0, negat
                       f"classifier-free guidance, and the guidance baked into the model steers away from the empty prompt "
                       f"only; raise guidance_scale above 1 (1.5 to 2) to use it, at twice the cost per step")
 
-# %% ../nbs/07_few_steps.ipynb #f9924a20
+# %% ../nbs/07_few_steps.ipynb #ca133820
 def lcm_generate(pipe,                         # a latent consistency model (`lcm_pipeline`)
                  prompt: str | Sequence[str],  # one prompt, or one per image
                  seed: int | Sequence[int] | None = 0, # as `generate` takes it
@@ -218,18 +217,18 @@ def lcm_loss(student, teacher,           # the UNet being distilled (LoRA on) an
 @dataclass
 class DistillConfig:
     "Every setting of a distillation run (the command line has one flag per field)."
-    steps: int = 600             # optimiser steps
+    steps: int = 300             # optimiser steps
     batch_size: int = 32
-    lr: float = 1e-3             # AdamW learning rate (cosine decay after a 5% warm-up)
+    lr: float = 2e-3             # AdamW learning rate (cosine decay after a 5% warm-up)
     rank: int = 16               # LoRA rank
     w_min: float = 3.0           # guidance w baked in, drawn from [w_min, w_max] (CFG scale w + 1)
     w_max: float = 8.0
-    num_ddim_timesteps: int = 50 # the solver's skipping schedule (LCMScheduler's original_inference_steps)
+    num_ddim_timesteps: int = 20 # the solver's skipping schedule, k = 1000/20 = 50 (LCMScheduler's original_inference_steps)
     loss_type: str = 'huber'     # 'huber' or 'l2'
     huber_c: float = 1e-3
-    n_images: int = 2048         # shapes-world pictures encoded once into latents
+    n_images: int = 1024         # shapes-world pictures encoded once into latents
     max_grad_norm: float = 1.0
-    ckpt_every: int = 100        # steps between checkpoints
+    ckpt_every: int = 25         # steps between checkpoints
     seed: int = 0
 
     def check(self):
@@ -258,6 +257,22 @@ def _student(unet, rank, seed):
         torch.manual_seed(seed)
         s.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights='gaussian', target_modules=list(LCM_LORA_TARGETS)))
     return s
+
+def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapter
+                  folder: str | os.PathLike,  # where to write (replaced whole, atomically)
+                  info: dict                  # the settings, written beside the weights as `distill.json`
+                 ) -> Path:
+    "Write `unet`'s LoRA under peft's key names (as diffusers' LCM-LoRA script saves it) and `info`, whole or not at all."
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    meta = {}  # the adapter's rank and targets travel with the weights (diffusers >= 0.34 reads them back)
+    if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        meta['unet_lora_adapter_metadata'] = unet.peft_config['default'].to_dict()
+    with atomic_dir(Path(folder).expanduser()) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
+                                                  weight_name=LCM_WEIGHTS, safe_serialization=True, **meta)
+        (tmp / LCM_INFO).write_text(json.dumps(info, indent=1) + '\n')
+    return Path(folder).expanduser()
 
 def _save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + '.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
@@ -325,12 +340,8 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
             _save_atomic(dict(lora=[p.detach().cpu() for p in params], opt=opt.state_dict(), sched=lr_sched.state_dict(),
                               step=step + 1, seconds=time.time() - t0, run=run), ck)
     seconds = time.time() - t0 if start < cfg.steps else seconds
-    saved = save_finetuned(SimpleNamespace(unet=student.to('cpu')), work, 'lora')   # lesson 5's LoRA writer
-    info = dict(run, num_ddim_timesteps=cfg.num_ddim_timesteps, train_seconds=round(seconds, 1), device=str(device),
-                torch_threads=torch.get_num_threads())
-    with atomic_dir(out) as tmp:
-        shutil.copy(saved / LCM_WEIGHTS, tmp / LCM_WEIGHTS)
-        (tmp / LCM_INFO).write_text(json.dumps(info, indent=1) + '\n')
+    info = dict(run, train_seconds=round(seconds, 1), device=str(device), torch_threads=torch.get_num_threads())
+    save_lcm_lora(student.to('cpu'), out, info)
     log(f"saved {out} ({seconds:.0f}s of training on {device})")
     return out
 
