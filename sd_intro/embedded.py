@@ -11,25 +11,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
-from .shapes import (COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
-                             random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence)
+from dataclasses import asdict
+from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
+                             random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
+                             POSITION_WORDS, layout_spread)
 from .core import atomic_dir, save_pipeline
 
 # %% auto #0
 __all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'UNET_STEPS', 'N_IMAGES',
            'CAPTION_NOISE', 'build_tokenizer', 'build_components', 'encode_text', 'train_text_encoder', 'train_vae',
            'cache_latents', 'noisy_scene', 'diffusion_loss', 'EMA', 'quick_eval', 'assemble', 'train_unet',
-           'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect', 'speed_report',
-           'make_embedded', 'main']
+           'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect', 'size_position_prompts',
+           'size_position_quality', 'seed_diversity', 'speed_report', 'make_embedded', 'main']
 
 # %% ../nbs/11_embedded.ipynb #112f6dbc
 EXTRA_WORDS = """the of and with in at by for to from is it this that picture photo photograph painting drawing image
 small large big little bright dark light pale deep cute happy sad round pointed square shaped colour color colours
 sketch line lines stripe stripes dots dotted plain simple style styled art oil van gogh vermeer portrait dog cat wolf
 horse astronaut riding moon howling photorealistic 4k labrador girl pearl earring pokemon monster animal cartoon
-grey gray pink brown gold silver cyan teal sky sea grass fire night day sun tree house""".split()
+tiny centre center grey gray pink brown gold silver cyan teal sky sea grass fire night day sun tree house""".split()
 WORLD_WORDS = sorted(set(list(COLOURS) + list(SHAPES) + ['flat', 'solid', 'outlined', 'striped', 'a', 'an', 'on',
-                                                          'background', 'shape', 'something']))
+                                                          'background', 'shape', 'something', 'small', 'large',
+                                                          'in', 'at', 'the', 'top', 'bottom', 'left', 'right',
+                                                          'middle', 'corner']))
 MAX_TOKENS = 24
 
 def build_tokenizer(max_length: int = MAX_TOKENS):
@@ -220,7 +224,7 @@ def assemble(parts, unet=None):
                                    feature_extractor=None, requires_safety_checker=False)
 
 # %% ../nbs/11_embedded.ipynb #f15f3084
-UNET_STEPS, N_IMAGES = 5500, 40000  # the shipped run's UNet stage
+UNET_STEPS, N_IMAGES = 8000, 40000  # the shipped run's UNet stage
 
 def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES, seed=0, ckpt_every=1000,
                eval_every=2000, log_every=100, caption_noise=0.0, device='cpu', log=print):
@@ -230,11 +234,14 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     tok, te, vae, unet, sch = (parts[k] for k in ('tokenizer', 'text_encoder', 'vae', 'unet', 'scheduler'))
     from diffusers import DDPMScheduler
     train_sched = DDPMScheduler.from_config(sch.config)
-    cache = work / 'latents.pt'
-    if cache.exists(): means, stds, scenes = torch.load(cache, weights_only=False)
+    cache = work / 'latents.safetensors'   # tensors in safetensors and scenes as JSON: nothing here runs pickled code
+    if cache.exists() and cache.with_suffix('.json').exists():
+        t = load_file(str(cache)); means, stds = t['means'], t['stds']
+        scenes = [Scene(**d) for d in json.loads(cache.with_suffix('.json').read_text())]
     else:
         means, stds, scenes = cache_latents(vae, n_images, seed=seed + 100)
-        _atomic_save(lambda p: torch.save((means, stds, scenes), p), cache)
+        _atomic_save(lambda p: p.write_text(json.dumps([asdict(s) for s in scenes])), cache.with_suffix('.json'))
+        _atomic_save(lambda p: save_file(dict(means=means.contiguous(), stds=stds.contiguous()), str(p)), cache)
     sf = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
@@ -242,7 +249,7 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     ema, start = EMA(unet, 0.9995), 0
     ck = work / 'unet_ckpt.pt'
     if ck.exists():
-        st = torch.load(ck, weights_only=False, map_location=device)
+        st = torch.load(ck, weights_only=True, map_location=device)  # tensors, numbers and dicts only
         unet.load_state_dict(st['unet']); ema.model.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
         start = st['step']; torch.set_rng_state(st['torch_rng'])
         log(f"resumed at step {start}")
@@ -289,11 +296,16 @@ def _generate_all(pipe, prompts, seeds, bs=64, **kw):
 
 # %% ../nbs/11_embedded.ipynb #0230b04d
 def judged_quality(pipe, n_prompts=64, n_seeds=4, steps=30, guidance=7.5, seed=1000) -> dict:
-    "Judged adherence (colour, shape, background) of `n_prompts` x `n_seeds` images of `quality_prompts`."
+    "Judged adherence (colour, shape, background, and shape for each base shape) of `n_prompts` x `n_seeds` images."
     prompts = [p for p in quality_prompts(n_prompts) for _ in range(n_seeds)]
     seeds = [seed + i for i in range(len(prompts))]
     imgs = _generate_all(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance)
-    return adherence(imgs, prompts)
+    out = adherence(imgs, prompts)
+    verdicts = judge(imgs)
+    for s in BASE_SHAPES:
+        hits = [v['shape'][0] == s for v, p in zip(verdicts, prompts) if parse_caption(p)['shape'] == s]
+        out[f"shape: {s}"] = sum(hits) / len(hits)
+    return out
 
 def guidance_curve(pipe, scales=(1, 1.5, 3, 7.5, 14), **kw) -> dict:
     "`judged_quality` at each guidance scale."
@@ -318,6 +330,39 @@ def negative_prompt_effect(pipe, colours=('red', 'blue', 'green', 'yellow'), n=6
             rates.append(sum(v['colour'][0] == c for v in judge(imgs)) / n)
         out[c] = tuple(rates)
     return out
+
+# %% ../nbs/11_embedded.ipynb #d8a9d635
+def size_position_prompts(n: int = 64) -> list[str]:
+    "`n` fixed prompts naming a size or a place as well ('a small red circle on a blue background in the top left corner')."
+    combos = [(c, s, b) for c in COLOURS for s in BASE_SHAPES for b in COLOURS if b != c]
+    wheres = [('small', p) for p in POSITION_WORDS] + [('large', None)] * 3 + [(None, p) for p in POSITION_WORDS]
+    out = []
+    for i in range(n):
+        (c, s, b), (size, where) = combos[(i * 37) % len(combos)], wheres[i % len(wheres)]
+        out.append(_a_word(f"{size + ' ' if size else ''}{c} {s}") + f" on {_a_word(b)} background" +
+                   (f" {POSITION_WORDS[where]}" if where else ''))
+    return out
+
+def _a_word(w): return ('an ' if w[0] in 'aeiou' else 'a ') + w
+
+def size_position_quality(pipe, n_prompts=64, n_seeds=2, steps=30, guidance=7.5, seed=3000) -> dict:
+    "Judged adherence of the size and place words (and the rest) on `size_position_prompts`."
+    prompts = [p for p in size_position_prompts(n_prompts) for _ in range(n_seeds)]
+    imgs = _generate_all(pipe, prompts, [seed + i for i in range(len(prompts))], num_inference_steps=steps,
+                         guidance_scale=guidance)
+    return adherence(imgs, prompts)
+
+# %% ../nbs/11_embedded.ipynb #6963f511
+def seed_diversity(pipe, n_prompts=8, n_seeds=8, steps=30, guidance=7.5, seed=4000) -> dict:
+    "How much the seed moves the object on full prompts that name no size or place: mean IoU and centre spread (px)."
+    prompts = quality_prompts(64)[::64 // n_prompts][:n_prompts]
+    rows = []
+    for i, p in enumerate(prompts):
+        imgs = _generate_all(pipe, [p] * n_seeds, [seed + i * n_seeds + j for j in range(n_seeds)],
+                             num_inference_steps=steps, guidance_scale=guidance)
+        want = parse_caption(p)
+        rows.append(layout_spread(imgs, want['colour'], want['background']))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 # %% ../nbs/11_embedded.ipynb #c489c4f0
 def speed_report(model=None, repeats=5) -> dict:
@@ -350,7 +395,7 @@ def _stage(folder: Path, load, train):
     with atomic_dir(folder) as tmp: obj.save_pretrained(tmp)
     return obj
 
-def make_embedded(out, work=None, seed=0, text_steps=1500, vae_steps=3000, judge_steps=600, unet_steps=UNET_STEPS,
+def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge_steps=2000, unet_steps=UNET_STEPS,
                   n_images=N_IMAGES, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print):
     "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`."
     from transformers import CLIPTextModel, CLIPTokenizer
