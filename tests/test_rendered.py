@@ -52,7 +52,7 @@ def test_readme_opens_with_a_picture_and_shows_each_lesson():
 @pytest.mark.parametrize('nb', render.lessons(), ids=lambda p: p.stem)
 def test_colab_badge_opens_this_file(nb):
     cells = load(nb)['cells']
-    badges = [re.findall(r'\]\((https://colab\.research\.google\.com/[^)]+)\)', ''.join(c['source'])) for c in cells[:3]
+    badges = [re.findall(r'\((https://colab\.research\.google\.com/github/[^)]+)\)', ''.join(c['source'])) for c in cells[:3]
               if c['cell_type'] == 'markdown' and colab.BADGE_MARK in ''.join(c['source'])]
     assert badges and badges[0], f"{nb.name} has no Colab badge at its top: python tools/colab.py {nb.relative_to(ROOT)}"
     url = badges[0][0]

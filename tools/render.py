@@ -22,7 +22,7 @@ MAX_BYTES = 2_000_000
 # The picture that heads each lesson in the README: the first PNG output of the first code cell containing this text.
 # The first entry also opens the README.
 HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sw.grid(',
-             '05_finetuning': 'before_after'}
+             '05_finetuning': 'res.grid('}
 
 
 def notebooks() -> list[Path]:
@@ -35,23 +35,24 @@ def lessons() -> list[Path]:
     return [p for p in notebooks() if re.match(r'0[1-9]_', p.name)]
 
 
-def kernel_env() -> dict:
+def kernel_env(quiet: bool = False) -> dict:
     "A laptop without a GPU or internet: CUDA hidden, Hub offline, the embedded model, this checkout importable."
     env = {k: v for k, v in os.environ.items() if k not in ('SD_INTRO_MODEL', 'SD_INTRO_RUN_GPU_CELLS')}
     env.update(CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]),
-               TQDM_DISABLE='1', PYDEVD_DISABLE_FILE_VALIDATION='1')
+               PYDEVD_DISABLE_FILE_VALIDATION='1')
+    if quiet: env['TQDM_DISABLE'] = '1'   # a static page gains nothing from a finished progress bar
     return env
 
 
-def execute(path: Path, timeout: int = 900):
-    "Run `path` top to bottom in a fresh kernel (cwd nbs/, `kernel_env()`): the executed notebook and the seconds taken."
+def execute(path: Path, timeout: int = 900, quiet: bool = False):
+    "Run `path` top to bottom in a fresh kernel (cwd nbs/, `kernel_env(quiet)`): the executed notebook and the seconds taken."
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
     t0 = time.time()
-    client.execute(env=kernel_env())
+    client.execute(env=kernel_env(quiet))
     return nb, time.time() - t0
 
 
@@ -100,7 +101,7 @@ def main(argv=None):
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
     total, failed = time.time(), []
     for p in paths:
-        try: nb, secs = execute(p)
+        try: nb, secs = execute(p, quiet=do_write)
         except Exception as e:
             failed.append(p.name); print(f"{p.name}: FAILED\n{str(e)[-3000:]}", flush=True); continue
         line = f"{p.name}: ran in {secs:.0f} s"
