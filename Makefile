@@ -1,13 +1,14 @@
 # Two commands do all the set-up (see README.md):
 #   make course  - install and open the course in JupyterLab, on the embedded model
 #   make test    - install and run every check: notebooks/library sync, every notebook, every test
+#   make render  - execute every notebook and write its outputs (pictures) into the committed notebooks
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 TORCH ?= torch>=2.6
 CONSTRAINTS ?=    # e.g. tests/oldest.txt: install the oldest supported releases (use another VENV for it)
 
-.PHONY: install course test sync lint-sync bench bench-gpu clean
+.PHONY: install course test sync lint-sync render render-check bench bench-gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +28,13 @@ sync:
 
 test: install sync
 	$(BIN)/python -m pytest tests -v --durations=15
+
+render: install  # execute every notebook as a student's Run All does (embedded model, no GPU) and keep the outputs
+	$(BIN)/python tools/render.py --write
+	@echo "outputs written: commit nbs/*.ipynb, nbs/_rendered.json and nbs/images/"
+
+render-check:  # the committed outputs are there and fresh (no code cell changed since make render)
+	$(BIN)/python -m pytest tests/test_rendered.py -q
 
 CPU_BENCH = overhead guidance course embedded finetune
 GPU_BENCH = bench_gpu playground_gpu

@@ -18,27 +18,55 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
-           'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for', 'sampler_name',
-           'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call',
-           'Generation', 'pipe_defaults', 'prompts_for', 'generate', 'format_parameters', 'parse_parameters',
-           'atomic_dir', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
+           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
+           'sampler_name', 'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size',
+           'check_call', 'Generation', 'pipe_defaults', 'prompts_for', 'generate', 'format_parameters',
+           'parse_parameters', 'atomic_dir', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
+def _font(size: int):
+    "DejaVu Sans (shipped with matplotlib: every glyph, punctuation included) at `size` px, else Pillow's default."
+    try:
+        from matplotlib import font_manager
+        return ImageFont.truetype(font_manager.findfont('DejaVu Sans'), size)
+    except Exception: return ImageFont.load_default(size=size)
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    "`text` in lines no wider than `width` pixels: broken between words, inside a word only when it is too long alone."
+    lines = []
+    for para in str(text).split('\n'):
+        line = ''
+        for word in para.split(' '):
+            cand = f"{line} {word}" if line else word
+            if font.getlength(cand) <= width or not line: line = cand
+            else: lines.append(line); line = word
+            while font.getlength(line) > width and len(line) > 1:   # one word wider than the tile: break it
+                cut = max(k for k in range(1, len(line) + 1) if font.getlength(line[:k]) <= width or k == 1)
+                lines.append(line[:cut]); line = line[cut:]
+        lines.append(line)
+    return lines
+
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
                rows: int | None = None,     # number of rows (default: from `cols`, or as square as possible)
                cols: int | None = None,     # number of columns (default: from `rows`)
                labels: Sequence[str] | None = None, # optional text under each tile
-               scale: int = 1               # enlarge every tile this many times (nearest neighbour)
+               scale: int = 1,              # enlarge every tile this many times (nearest neighbour)
+               row_labels: Sequence[str] | None = None, # optional text left of each row
+               col_labels: Sequence[str] | None = None, # optional text above each column
+               min_tile: int = 128,         # enlarge smaller tiles (whole times, nearest neighbour) to at least this; 0: never
+               font_size: int | None = None # label size in pixels (default: from the tile size, 15 at 128 px)
               ) -> Image.Image:
-    "Paste `imgs` into one picture of `rows` x `cols` tiles, optionally labelled."
+    "Paste `imgs` into one picture of `rows` x `cols` tiles, with labels under tiles, left of rows and above columns."
     imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
     if not imgs: raise ValueError("image_grid: imgs is empty; pass at least one image")
     bad = next((im for im in imgs if not isinstance(im, Image.Image)), None)
     if bad is not None: raise TypeError(f"image_grid: a tile is a {type(bad).__name__}; pass PIL images (Image.open for "
                                         f"files, Image.fromarray for arrays)")
-    for k, v in (('rows', rows), ('cols', cols), ('scale', scale)):
+    for k, v in (('rows', rows), ('cols', cols), ('scale', scale), ('font_size', font_size)):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
             raise ValueError(f"image_grid: {k}={v!r}: use a whole number of at least 1")
+    if not isinstance(min_tile, (int, np.integer)) or isinstance(min_tile, bool) or min_tile < 0:
+        raise ValueError(f"image_grid: min_tile={min_tile!r}: use a whole number of pixels, or 0 to keep tiles as they are")
     sizes = {im.size for im in imgs}
     if len(sizes) > 1: raise ValueError(f"image_grid: tiles have mixed sizes {sorted(sizes)}; resize them to one size first")
     if labels is not None and len(labels) != len(imgs):
@@ -48,18 +76,35 @@ def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
     if cols is None: cols = int(np.ceil(n / rows))
     if rows is None: rows = int(np.ceil(n / cols))
     if rows * cols < n: raise ValueError(f"image_grid: {rows}x{cols} grid is too small for {n} images; raise rows or cols")
+    for k, v, m in (('row_labels', row_labels, rows), ('col_labels', col_labels, cols)):
+        if v is not None and len(v) != m: raise ValueError(f"image_grid: {len(v)} {k} for {m} {k[:3]}s; pass one per {k[:3]}")
+    w0 = max(imgs[0].size)
+    scale = max(scale, -(-min_tile // w0)) if min_tile else scale
     if scale != 1: imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
     w, h = imgs[0].size
-    lh = 0 if labels is None else 14
-    grid = Image.new('RGB', size=(cols * w, rows * (h + lh)), color='white')
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    font = _font(font_size or min(28, max(15, w // 9)))
+    asc, desc = font.getmetrics()
+    line_h, pad = asc + desc, 3
+    wrap = lambda texts, width: [_wrap(t, font, width) for t in texts]
+    tile_lines = wrap(labels, w - 2 * pad) if labels is not None else None
+    lh = 0 if labels is None else max(len(l) for l in tile_lines) * line_h + 2 * pad
+    col_lines = wrap(col_labels, w - 2 * pad) if col_labels is not None else None
+    top = 0 if col_labels is None else max(len(l) for l in col_lines) * line_h + 2 * pad
+    row_lines = wrap(row_labels, max(w, 96)) if row_labels is not None else None
+    left = 0 if row_labels is None else int(max(font.getlength(s) for l in row_lines for s in l)) + 3 * pad
+    grid = Image.new('RGB', size=(left + cols * w, top + rows * (h + lh)), color='white')
+    draw = ImageDraw.Draw(grid)
+    def text(lines, x, y, width, centre=True):
+        for k, s in enumerate(lines):
+            dx = (width - font.getlength(s)) / 2 if centre else 0
+            draw.text((x + max(dx, 0), y + k * line_h), s, fill='black', font=font)
     for i, img in enumerate(imgs):
-        x, y = i % cols * w, i // cols * (h + lh)
+        x, y = left + i % cols * w, top + i // cols * (h + lh)
         grid.paste(img.convert('RGB'), box=(x, y))
-        if labels is not None:
-            text = str(labels[i])
-            while len(text) > 1 and draw.textlength(text, font=font) > w - 3: text = text[:-2] + '…'  # no overlaps
-            draw.text((x + 2, y + h + 1), text, fill='black', font=font)
+        if labels is not None: text(tile_lines[i], x + pad, y + h + pad, w - 2 * pad)
+    for c, lines in enumerate(col_lines or []): text(lines, left + c * w + pad, pad, w - 2 * pad)
+    for r, lines in enumerate(row_lines or []):
+        text(lines, pad, top + r * (h + lh) + (h - len(lines) * line_h) / 2, left - 2 * pad, centre=False)
     return grid
 
 # %% ../nbs/00_core.ipynb #d46cdd0f
@@ -89,6 +134,17 @@ def choose_dtype(device: str | torch.device | None = None, # where the pipeline 
                          f"not implemented for Half'; on MPS some schedulers give NaNs). Use dtype=torch.float32 "
                          f"(the default there), or run on a CUDA GPU.")
     return device, dtype
+
+# %% ../nbs/00_core.ipynb #2af33d48
+def gpu_cell(what: str,       # what the cell shows, e.g. "the astronaut on Stable Diffusion v1.4 (a 4 GB download)"
+             how: str = "run on a CUDA GPU or set SD_INTRO_RUN_GPU_CELLS=1" # how to make it run
+            ) -> bool:
+    "True if a real-checkpoint (GPU, download) cell should run here; else print one line saying what it skips."
+    ask = os.environ.get('SD_INTRO_RUN_GPU_CELLS', '').strip().lower()
+    if ask in ('1', 'true', 'yes'): return True
+    if ask not in ('0', 'false', 'no') and torch.cuda.is_available(): return True
+    print(f"skipped: needs a CUDA GPU: {what} ({how})")
+    return False
 
 # %% ../nbs/00_core.ipynb #b5bdd967
 EMBEDDED_MODEL = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-sd')
