@@ -431,8 +431,8 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         if kwargs.get('image') is None: raise ValueError(
             "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
         im = kwargs['image']
-        if isinstance(im, (str, os.PathLike)) or isinstance(im, np.ndarray) and im.dtype == np.uint8 \
-                or isinstance(im, Image.Image) and im.mode != 'RGB':   # float arrays/tensors in [0, 1]: as diffusers takes them
+        if isinstance(im, (str, os.PathLike, Image.Image)) or isinstance(im, np.ndarray) and im.dtype == np.uint8:
+            # float arrays/tensors in [0, 1] go as diffusers takes them; pictures get load_image's checks and size note
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
         st = kwargs.get('strength', names['strength'].default)
@@ -635,7 +635,7 @@ def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-# %% ../nbs/00_core.ipynb #de19213d
+# %% ../nbs/00_core.ipynb #a287a820
 _UMASK = os.umask(0); os.umask(_UMASK)
 
 @contextmanager
