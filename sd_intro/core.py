@@ -635,7 +635,7 @@ def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-# %% ../nbs/00_core.ipynb #a287a820
+# %% ../nbs/00_core.ipynb #2657821b
 _UMASK = os.umask(0); os.umask(_UMASK)
 
 @contextmanager

@@ -634,7 +634,7 @@ def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None) -> 
     "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
     return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
 
-# %% ../nbs/05_finetuning.ipynb #6174b459
+# %% ../nbs/05_finetuning.ipynb #ad55888c
 def _pid_alive(pid: int) -> bool:
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
@@ -683,7 +683,7 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
         if made:
             with contextlib.suppress(OSError): out.rmdir()   # a run refused before writing anything leaves no folder
 
-# %% ../nbs/05_finetuning.ipynb #aa8718d1
+# %% ../nbs/05_finetuning.ipynb #dc8ce069
 def _check_apart(data, out: Path):
     "Refuse a data folder that is the run folder or lies inside it (or holds it): the run would write among the pictures."
     src = data.name if isinstance(data, CaptionedImages) else data if isinstance(data, (str, os.PathLike)) else None
