@@ -78,8 +78,8 @@ def test_img2img_reuses_loaded_components(pipe):
     i2i = load_pipeline(pipe, kind='img2img')
     assert isinstance(i2i, StableDiffusionImg2ImgPipeline)
     assert i2i.unet is pipe.unet and i2i.vae is pipe.vae and i2i.text_encoder is pipe.text_encoder
-    i2i_again = load_pipeline(kind='img2img')       # by name: served from the loaded txt2img, no second load
-    assert i2i_again.unet is load_pipeline().unet
+    i2i_again = load_pipeline(kind='img2img')       # by name: a pipeline of its own (read from disk once, copied)
+    assert isinstance(i2i_again, StableDiffusionImg2ImgPipeline) and i2i_again.unet is not pipe.unet
 
 
 def test_bad_kind(pipe):
@@ -173,7 +173,8 @@ def test_reads_automatic1111_parameters():
             'Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0')
     s = parse_parameters(text)
     assert s == dict(prompt='a wolf', negative_prompt='blurry, low quality', steps=20, sampler='Euler a',
-                     guidance_scale=7.0, seed=42, width=512, height=768, model='v1-5-pruned-emaonly')
+                     guidance_scale=7.0, seed=42, width=512, height=768, model='v1-5-pruned-emaonly',
+                     extra={'Model hash': '6ce0161689', 'Version': 'v1.6.0'})
     assert scheduler_for(s['sampler']).__name__ == 'EulerAncestralDiscreteScheduler'
 
 
