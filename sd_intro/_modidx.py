@@ -13,11 +13,8 @@ d = { 'settings': { 'branch': 'main',
                                'sd_intro.core.Generation.grid': ('core.html#generation.grid', 'sd_intro/core.py'),
                                'sd_intro.core.SizeNote': ('core.html#sizenote', 'sd_intro/core.py'),
                                'sd_intro.core._dtype_kwarg': ('core.html#_dtype_kwarg', 'sd_intro/core.py'),
-<<<<<<< HEAD
-                               'sd_intro.core._font': ('core.html#_font', 'sd_intro/core.py'),
-=======
                                'sd_intro.core._exact_prompts': ('core.html#_exact_prompts', 'sd_intro/core.py'),
->>>>>>> reliability
+                               'sd_intro.core._font': ('core.html#_font', 'sd_intro/core.py'),
                                'sd_intro.core._has_fp16_variant': ('core.html#_has_fp16_variant', 'sd_intro/core.py'),
                                'sd_intro.core._meant': ('core.html#_meant', 'sd_intro/core.py'),
                                'sd_intro.core._missing_model_error': ('core.html#_missing_model_error', 'sd_intro/core.py'),
