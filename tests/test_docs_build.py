@@ -11,7 +11,7 @@ builds the pages. A cell that mixes an import with other code therefore runs wit
 `python tests/test_docs_build.py --fix` splits each offending cell where it can: its top-level statements go into
 consecutive cells of imports and of other code, in their original order, with the cell's directives on each.
 """
-import ast, json, os, subprocess, sys, uuid, warnings
+import ast, json, os, signal, subprocess, sys, uuid, warnings
 from pathlib import Path
 import pytest
 
@@ -52,10 +52,15 @@ q.nbdev_proc_nbs.__wrapped__(force=True)
 def test_docs_build_processes_every_notebook():
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'PYTHONWARNINGS': 'default'}
     env.pop('SD_INTRO_MODEL', None)
-    try: r = subprocess.run([sys.executable, '-c', PROC], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    except subprocess.TimeoutExpired as e: pytest.fail(f"nbdev_proc_nbs ran past {e.timeout}s")
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, f"nbdev_proc_nbs failed (exit {r.returncode}):\n{out[-6000:]}"
+    # its own process group: nbdev's worker processes go too if it has to be stopped
+    p = subprocess.Popen([sys.executable, '-c', PROC], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try: out, _ = p.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"nbdev_proc_nbs ran past 1800 s; processed so far: {sorted(q.name for q in (ROOT / '_proc').glob('*.ipynb'))}\n{out[-3000:]}")
+    assert p.returncode == 0, f"nbdev_proc_nbs failed (exit {p.returncode}):\n{out[-6000:]}"
     assert WARNING not in out, f"nbdev warned about mixed import cells:\n{out[-6000:]}"
     missing = [nb.name for nb in NOTEBOOKS if not (ROOT / '_proc' / nb.name).exists()]
     assert not missing, f"not processed: {missing}\n{out[-3000:]}"

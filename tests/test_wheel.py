@@ -21,7 +21,7 @@ from sd_intro import load_pipeline, generate, judge, EMBEDDED_MODEL
 from sd_intro.shapes import JUDGE_PATH
 prompt = 'a red circle on a blue background'
 pipe = load_pipeline()
-res = generate(pipe, prompt, seed=1, num_inference_steps=20)
+res = generate(pipe, prompt, seed=1, num_inference_steps=10)
 seen = judge(res[0])
 seen = seen[0] if isinstance(seen, list) else seen
 print(json.dumps({'sd_intro': sd_intro.__file__, 'model': str(EMBEDDED_MODEL), 'judge': str(JUDGE_PATH),
@@ -30,7 +30,7 @@ print(json.dumps({'sd_intro': sd_intro.__file__, 'model': str(EMBEDDED_MODEL), '
 
 
 def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, **kw)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-5000:]}"
     return r.stdout + r.stderr
 
