@@ -354,7 +354,8 @@ def sampler_name(scheduler) -> str:
     "The sampler's name as settings record it: ours or the AUTOMATIC1111 web UI's, with ' Karras' (etc.) on Karras sigmas."
     cfg, cls = scheduler.config, type(scheduler).__name__
     name = next((n for n, (c, over) in A1111_SAMPLERS.items() if c == cls and over
-                 and all(cfg.get(k) == v for k, v in over.items())), None) or SAMPLER_NAMES.get(cls, cls)
+                 and all(cfg.get(k) == v for k, v in over.items())), None) or SAMPLER_NAMES.get(cls) \
+           or next((n for n, (c, over) in A1111_SAMPLERS.items() if c == cls and not over), cls)   # 'LCM', 'DPM2 a'
     if cls == 'DPMSolverMultistepScheduler' and name == 'DPM++ 2M' and not all(
             cfg.get(k) == v for k, v in A1111_SAMPLERS['DPM++ 2M'][1].items()): name = cls   # another DPM-Solver variant
     sched = next((t for t, over in SCHEDULE_TYPES.items() if over and all(cfg.get(k) == v for k, v in over.items())), None)
