@@ -495,6 +495,11 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         raise TypeError(f"negative_prompt={negative_prompt!r}: pass a str (it applies to every image), a list of str "
                         f"(one per prompt), or None")
     check_steps(num_inference_steps, pipe)
+    if kwargs.get('clip_skip') and getattr(pipe, 'text_encoder', None) is not None \
+            and not hasattr(pipe.text_encoder, 'text_model') and hasattr(pipe.text_encoder, 'final_layer_norm'):
+        # diffusers applies clip_skip through `text_encoder.text_model.final_layer_norm`; transformers 5's CLIPTextModel
+        # has its layers at the top level. An unregistered alias (not a submodule: no cycle in `modules()`) mends it.
+        object.__setattr__(pipe.text_encoder, 'text_model', pipe.text_encoder)
     check_size(kwargs.get('height'), kwargs.get('width'), pipe)
     if names is not None and 'image' in names and 'strength' in names:    # img2img
         if kwargs.get('image') is None: raise ValueError(

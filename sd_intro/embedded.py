@@ -301,7 +301,7 @@ def judged_quality(pipe, n_prompts=64, n_seeds=4, steps=30, guidance=7.5, seed=1
     verdicts = judge(imgs)
     for s in BASE_SHAPES:   # each base shape on its own: a model can draw stars well and circles badly
         hits = [v['shape'][0] == s for v, p in zip(verdicts, prompts) if parse_caption(p)['shape'] == s]
-        out[f"shape: {s}"] = sum(hits) / len(hits)
+        if hits: out[f"shape: {s}"] = sum(hits) / len(hits)
     return out
 
 def guidance_curve(pipe, scales=(1, 1.5, 3, 7.5, 14), **kw) -> dict:
