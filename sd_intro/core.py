@@ -124,7 +124,7 @@ def _has_fp16_variant(model: str) -> bool:
     except Exception: return False
 
 # %% ../nbs/00_core.ipynb #f4b21d7e
-PIPELINE_KINDS = ('txt2img', 'img2img')
+PIPELINE_KINDS = ('txt2img', 'img2img', 'inpaint')
 _LOADED: dict = {}
 
 @contextmanager
@@ -144,9 +144,10 @@ def quiet_loading(bars: bool = True # also hide diffusers' and transformers' loa
 
 def _pipeline_class(kind):
     with quiet_loading(bars=False):
-        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     if kind not in PIPELINE_KINDS: raise ValueError(f"kind={kind!r} is not one of {list(PIPELINE_KINDS)}")
-    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline}[kind]
+    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline,
+            'inpaint': StableDiffusionInpaintPipeline}[kind]
 
 def _missing_model_error(model, err):
     local = Path(model).expanduser()
@@ -168,7 +169,7 @@ def _missing_model_error(model, err):
 
 # %% ../nbs/00_core.ipynb #14913f2c
 def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local folder, a loaded pipeline, or None
-                  kind: str = 'txt2img',            # 'txt2img' or 'img2img'
+                  kind: str = 'txt2img',            # 'txt2img', 'img2img' or 'inpaint' (lesson 4)
                   device: str | None = None,        # default: `default_device()`
                   dtype: str | torch.dtype | None = None, # default: float16 on CUDA, float32 elsewhere
                   fast: bool = False,               # the fast path: fused attention, channels-last, torch.compile on CUDA (`sd_intro.speed.make_fast`)
@@ -319,6 +320,8 @@ def check_size(height: int | None, width: int | None, pipe=None):
 def _meant(pipe, k: str, names: dict) -> str:
     "What keyword `k`, which `pipe` does not take, was meant to be."
     img2img = 'image' in names
+    if k == 'mask_image': return ("it is for inpainting: use sd_intro.inpainting.inpaint_pipeline(pipe), or "
+                                  "load_pipeline(pipe, kind='inpaint')")
     if k in ('image', 'strength') and not img2img:
         return "it is for img2img: use load_pipeline(pipe, kind='img2img')"
     if k in ('height', 'width') and img2img:
@@ -349,12 +352,17 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
     check_size(kwargs.get('height'), kwargs.get('width'), pipe)
     if names is not None and 'image' in names and 'strength' in names:    # img2img
         if kwargs.get('image') is None: raise ValueError(
-            "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
+            f"generate: an {'inpainting' if 'mask_image' in names else 'img2img'} pipeline needs image=: a file "
+            f"path, URL or PIL image (see load_image)")
         im = kwargs['image']
         if isinstance(im, (str, os.PathLike)) or isinstance(im, np.ndarray) and im.dtype == np.uint8 \
                 or isinstance(im, Image.Image) and im.mode != 'RGB':   # float arrays/tensors in [0, 1]: as diffusers takes them
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
+        if 'mask_image' in names:   # inpainting: the mask checked, and one copy of picture and mask per image
+            from sd_intro.inpainting import check_inpaint_inputs
+            kwargs['image'], kwargs['mask_image'] = check_inpaint_inputs(kwargs['image'], kwargs.get('mask_image'),
+                                                                         len(prompts), kwargs.get('padding_mask_crop'))
         st = kwargs.get('strength', names['strength'].default)
         if not _real(st) or not 0 < st <= 1:
             raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
@@ -450,6 +458,10 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
                   sampler=sampler_name(pipe.scheduler),
                   model=d['model'], nsfw=bool(f))
         if 'strength' in kwargs: st['strength'] = kwargs['strength']
+        if 'mask_image' in kwargs:   # inpainting: which mask (the PNG cannot hold it), and its crop padding
+            from sd_intro.inpainting import mask_id
+            st['mask'] = mask_id(kwargs['mask_image'])
+            if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
 
@@ -460,13 +472,15 @@ def format_parameters(s: dict) -> str:
     if s.get('negative_prompt'): lines.append(f"Negative prompt: {s['negative_prompt']}")
     kv = [('Steps', s.get('steps')), ('Sampler', s.get('sampler')), ('CFG scale', s.get('guidance_scale')),
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
-          ('Denoising strength', s.get('strength')), ('Model', s.get('model'))]
+          ('Denoising strength', s.get('strength')), ('Mask', s.get('mask')),
+          ('Masked area padding', s.get('padding_mask_crop')), ('Model', s.get('model'))]
     lines.append(', '.join(f"{k}: {v}" for k, v in kv if v is not None and v != ''))
     return '\n'.join(lines)
 
 # %% ../nbs/00_core.ipynb #6e874c73
 _KEYS = {'Steps': ('steps', int), 'Sampler': ('sampler', str), 'CFG scale': ('guidance_scale', float),
-         'Seed': ('seed', int), 'Denoising strength': ('strength', float), 'Model': ('model', str)}
+         'Seed': ('seed', int), 'Denoising strength': ('strength', float), 'Model': ('model', str),
+         'Mask': ('mask', str), 'Masked area padding': ('padding_mask_crop', int)}
 
 def parse_parameters(text: str) -> dict:
     "Settings from AUTOMATIC1111-style `parameters` text (ours or the web UI's)."
@@ -578,7 +592,9 @@ def replaying(pipe,            # the pipeline that will replay
 
 # %% ../nbs/00_core.ipynb #2d33d6d4
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
-           pipe                                          # the pipeline to run (its scheduler is swapped if needed)
+           pipe,                                         # the pipeline to run (its scheduler is swapped if needed)
+           image=None,                                   # img2img and inpainting: the starting picture (not in the PNG)
+           mask_image=None                               # inpainting: the mask (not in the PNG either)
           ) -> Image.Image:
     "Make the image described by `src` again."
     if hasattr(src, 'components'): raise TypeError("replay(src, pipe): the PNG or settings come first, then the pipeline")
@@ -588,11 +604,21 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
     missing = [k for k in ('prompt', 'seed') if k not in s]
     if missing: raise ValueError(f"replay: the settings have no {' or '.join(missing)}; pass a PNG written by "
                                  f"`save_image` with its settings, or a dict like `res.settings[i]`")
-    if 'strength' in s: raise ValueError(
+    if 'mask' in s and (image is None or mask_image is None): raise ValueError(
+        f"replay: these settings are from inpainting (mask {s['mask']}), and a PNG holds neither the starting image "
+        f"nor the mask: pass image= and mask_image= (`sd_intro.inpainting.save_inpainting` writes them beside the "
+        f"picture, and `replay_inpainting` reads them back)")
+    if 'strength' in s and image is None: raise ValueError(
         f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
-        f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
-        f"img2img as a chain (`run_chain` / `replay_chain`)")
-    kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
+        f"image: pass it as replay(..., image=start) with load_pipeline(pipe, kind='img2img'), or record img2img as a "
+        f"chain (`run_chain` / `replay_chain`)")
+    kw = {k: s[k] for k in ('width', 'height', 'strength', 'padding_mask_crop') if k in s}
+    if image is not None: kw.update(image=image); kw.pop('width', None); kw.pop('height', None)  # size: the picture's
+    if mask_image is not None:
+        from sd_intro.inpainting import mask_id, check_mask
+        if 'mask' in s and mask_id(check_mask(mask_image)) != s['mask']: warnings.warn(
+            f"replay: mask_image is not the mask these settings were made with ({s['mask']}), so the picture will differ")
+        kw['mask_image'] = mask_image
     with replaying(pipe, s):
         return generate(pipe, s['prompt'], seed=s['seed'], negative_prompt=s.get('negative_prompt') or None,
                         num_inference_steps=s.get('steps', 50), guidance_scale=s.get('guidance_scale', 7.5), **kw)[0]
