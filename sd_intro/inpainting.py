@@ -182,6 +182,7 @@ def inpaint_by_hand(pipe,                          # a loaded pipeline with a 4-
     if pipe.unet.config.in_channels != 4: raise ValueError(
         f"inpaint_by_hand: this UNet takes {pipe.unet.config.in_channels} input channels: it is an inpainting checkpoint, "
         f"which is shown the mask and the masked picture instead of being blended; run it with generate(pipe, ...)")
+    check_mask(mask_image)   # before any work
     check_guidance(guidance_scale, negative_prompt)
     check_steps(num_inference_steps, pipe)
     prompts = prompts_for(prompt, n, seed)
