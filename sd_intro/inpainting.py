@@ -18,7 +18,7 @@ from .shapes import Scene, render, to_pil, COLOURS, SIZE
 # %% auto #0
 __all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'mask_id', 'save_inpainting',
            'replay_inpainting', 'inpaint_start', 'blend', 'inpaint_by_hand', 'change_outside', 'seam', 'difference_map',
-           'Repaint', 'repaint', 'check_mask', 'check_inpaint_inputs']
+           'Repaint', 'repaint', 'pasted_back', 'check_mask', 'check_inpaint_inputs']
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
 REGIONS = ('object', 'background', 'box')
@@ -260,25 +260,8 @@ class Repaint:
     def _repr_png_(self): return self.grid()._repr_png_()
 
 # %% ../nbs/04_inpainting.ipynb #4963061c
-def repaint(pipe,                     # any pipeline of the model (made an inpainting one)
-            picture: Image.Image,     # the picture to edit
-            mask_image,               # white where to repaint
-            prompt: str,              # what the whole picture should show afterwards
-            seed: int = 0, n: int = 32, # seeds seed, seed+1, ..., seed+n-1
-            num_inference_steps: int = 20,
-            paste_back: bool = False, # paste the original back outside the mask (`image_processor.apply_overlay`)
-            blur: int = 0,            # soften the pasted-back edge: `mask_processor.blur(mask, blur)` as its mask
-            judged: bool | None = None, # use the judge (default: if its weights exist)
-            **kwargs                  # for the pipeline: guidance_scale, strength, padding_mask_crop...
-           ) -> Repaint:
-    "Inpaint `picture` under `mask_image` for `n` seeds; judge the results and measure the change outside the mask."
+def _measured(picture, mask, prompt, g: Generation, judged) -> Repaint:
     from sd_intro import shapes
-    inp = inpaint_pipeline(pipe)
-    g = generate(inp, prompt, seed=seed, n=n, image=picture, mask_image=mask_image,
-                 num_inference_steps=num_inference_steps, **kwargs)
-    if paste_back:
-        over = inp.mask_processor.blur(check_mask(mask_image), blur) if blur else check_mask(mask_image)
-        g = Generation([inp.image_processor.apply_overlay(over, picture, im) for im in g.images], g.settings, g.nsfw)
     if judged is None: judged = shapes.JUDGE_PATH.exists()
     ok = per = None
     if judged:
@@ -286,8 +269,34 @@ def repaint(pipe,                     # any pipeline of the model (made an inpai
         verdicts = shapes.judge(g.images)
         ok = float(np.mean([all(v[k][0] == w for k, w in want.items()) for v in verdicts]))
         per = {k: float(np.mean([v[k][0] == w for v in verdicts])) for k, w in want.items()}
-    return Repaint(picture, check_mask(mask_image), prompt, g, ok, per, change_outside(g.images, picture, mask_image),
-                   float(np.mean([seam(im, mask_image) for im in g.images])))
+    return Repaint(picture, mask, prompt, g, ok, per, change_outside(g.images, picture, mask),
+                   float(np.mean([seam(im, mask) for im in g.images])))
+
+def repaint(pipe,                     # any pipeline of the model (made an inpainting one)
+            picture: Image.Image,     # the picture to edit
+            mask_image,               # white where to repaint
+            prompt: str,              # what the whole picture should show afterwards
+            seed: int = 0, n: int = 32, # seeds seed, seed+1, ..., seed+n-1
+            num_inference_steps: int = 20,
+            judged: bool | None = None, # use the judge (default: if its weights exist)
+            **kwargs                  # for the pipeline: guidance_scale, strength, padding_mask_crop...
+           ) -> Repaint:
+    "Inpaint `picture` under `mask_image` for `n` seeds; judge the results and measure the change outside the mask."
+    inp = inpaint_pipeline(pipe)
+    g = generate(inp, prompt, seed=seed, n=n, image=picture, mask_image=mask_image,
+                 num_inference_steps=num_inference_steps, **kwargs)
+    return _measured(picture, check_mask(mask_image, picture), prompt, g, judged)
+
+def pasted_back(r: Repaint,          # a `repaint` result
+                blur: int = 0,        # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
+                judged: bool | None = None
+               ) -> Repaint:
+    "`r`'s pictures with the original pasted back outside the mask (diffusers' `apply_overlay`), judged and measured again."
+    from diffusers.image_processor import VaeImageProcessor
+    over = VaeImageProcessor.blur(r.mask, blur) if blur else r.mask
+    paste = VaeImageProcessor().apply_overlay
+    g = Generation([paste(over, r.picture, im) for im in r.images], r.generation.settings, r.generation.nsfw)
+    return _measured(r.picture, r.mask, r.prompt, g, judged)
 
 # %% ../nbs/04_inpainting.ipynb #40916f6f
 def check_mask(mask_image,           # PIL image ('L' or '1', or grey RGB), H x W bool/uint8 array, or a path
