@@ -62,8 +62,8 @@ def is_inpainting(pipe) -> bool:
 def inpaint_pipeline(pipe):
     "`pipe` as an inpainting pipeline sharing its parts (`AutoPipelineForInpainting.from_pipe`), made once per pipeline; returned as is if it already is one."
     from diffusers import AutoPipelineForInpainting
-    if is_inpainting(pipe): return pipe
     if not hasattr(pipe, 'components'): raise TypeError(f"pipe is a {type(pipe).__name__}; pass a loaded pipeline (load_pipeline())")
+    if is_inpainting(pipe): return pipe
     inp = getattr(pipe, '_sd_intro_inpaint', None)   # made before, and still built from the same parts?
     if inp is None or any(getattr(inp, k, None) is not v for k, v in pipe.components.items() if k in inp.components):
         inp = AutoPipelineForInpainting.from_pipe(pipe)
