@@ -182,7 +182,7 @@ def _has_fp16_variant(model: str) -> bool:
     except Exception: return False
 
 # %% ../nbs/00_core.ipynb #f4b21d7e
-PIPELINE_KINDS = ('txt2img', 'img2img')
+PIPELINE_KINDS = ('txt2img', 'img2img', 'inpaint')
 _LOADED: dict = {}   # (model, device, dtype) -> a pristine pipeline on the CPU, never handed out
 
 @contextmanager
@@ -202,9 +202,10 @@ def quiet_loading(bars: bool = True # also hide diffusers' and transformers' loa
 
 def _pipeline_class(kind):
     with quiet_loading(bars=False):
-        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     if kind not in PIPELINE_KINDS: raise ValueError(f"kind={kind!r} is not one of {list(PIPELINE_KINDS)}")
-    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline}[kind]
+    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline,
+            'inpaint': StableDiffusionInpaintPipeline}[kind]
 
 def _missing_model_error(model, err):
     local = Path(model).expanduser()
@@ -226,7 +227,7 @@ def _missing_model_error(model, err):
 
 # %% ../nbs/00_core.ipynb #14913f2c
 def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local folder, a loaded pipeline, or None
-                  kind: str = 'txt2img',            # 'txt2img' or 'img2img'
+                  kind: str = 'txt2img',            # 'txt2img', 'img2img' or 'inpaint' (lesson 4)
                   device: str | None = None,        # default: `default_device()`
                   dtype: str | torch.dtype | None = None, # default: float16 on CUDA, float32 elsewhere
                   fast: bool = False,               # the fast path: fused attention, channels-last, torch.compile on CUDA (`sd_intro.speed.make_fast`)
@@ -468,6 +469,8 @@ def check_size(height: int | None, width: int | None, pipe=None):
 def _meant(pipe, k: str, names: dict) -> str:
     "What keyword `k`, which `pipe` does not take, was meant to be."
     img2img = 'image' in names
+    if k == 'mask_image': return ("it is for inpainting: use sd_intro.inpainting.inpaint_pipeline(pipe), or "
+                                  "load_pipeline(pipe, kind='inpaint')")
     if k in ('image', 'strength') and not img2img:
         return "it is for img2img: use load_pipeline(pipe, kind='img2img')"
     if k in ('height', 'width') and img2img:
@@ -503,12 +506,17 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
     check_size(kwargs.get('height'), kwargs.get('width'), pipe)
     if names is not None and 'image' in names and 'strength' in names:    # img2img
         if kwargs.get('image') is None: raise ValueError(
-            "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
+            f"generate: an {'inpainting' if 'mask_image' in names else 'img2img'} pipeline needs image=: a file "
+            f"path, URL or PIL image (see load_image)")
         im = kwargs['image']
         if isinstance(im, (str, os.PathLike, Image.Image)) or isinstance(im, np.ndarray) and im.dtype == np.uint8:
             # float arrays/tensors in [0, 1] go as diffusers takes them; pictures get load_image's checks and size note
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
+        if 'mask_image' in names:   # inpainting: the mask checked, and one copy of picture and mask per image
+            from sd_intro.inpainting import check_inpaint_inputs
+            kwargs['image'], kwargs['mask_image'] = check_inpaint_inputs(kwargs['image'], kwargs.get('mask_image'),
+                                                                         len(prompts), kwargs.get('padding_mask_crop'))
         st = kwargs.get('strength', names['strength'].default)
         if not _real(st) or not 0 < st <= 1:
             raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
@@ -622,6 +630,10 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
                   sampler=sampler_name(pipe.scheduler),
                   model=d['model'], nsfw=bool(f))
         if 'strength' in kwargs: st['strength'] = kwargs['strength']
+        if 'mask_image' in kwargs:   # inpainting: which mask (the PNG cannot hold it), and its crop padding
+            from sd_intro.inpainting import mask_id
+            st['mask'] = mask_id(kwargs['mask_image'])
+            if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
         if kwargs.get('clip_skip'): st['clip_skip'] = kwargs['clip_skip'] + 1   # the web UI counts the last layer as 1
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
@@ -638,7 +650,8 @@ def format_parameters(s: dict) -> str:
     if sampler and not schedule: sampler, schedule = split_sampler(sampler)   # today's web UI: 'Schedule type: Karras'
     kv = [('Steps', s.get('steps')), ('Sampler', sampler), ('Schedule type', schedule), ('CFG scale', s.get('guidance_scale')),
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
-          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip'))]
+          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
+          ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
     kv += list((s.get('extra') or {}).items())
     params = ', '.join(f"{k}: {quote(v)}" for k, v in kv if v is not None and v != '')
     neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get('negative_prompt') else ''
@@ -689,6 +702,8 @@ def parse_parameters(text: str) -> dict:
         elif k == 'Model': s['model'] = v
         elif k == 'Denoising strength' and not hires: s['strength'] = _number(k, v, float)
         elif k == 'Clip skip': s['clip_skip'] = _number(k, v)
+        elif k == 'Mask': s['mask'] = v
+        elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
         else: extra[k] = v
     if extra: s['extra'] = extra
     return s
@@ -821,7 +836,9 @@ def replaying(pipe,            # the pipeline that will replay
 
 # %% ../nbs/00_core.ipynb #2d33d6d4
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
-           pipe                                          # the pipeline to run (its scheduler is swapped if needed)
+           pipe,                                         # the pipeline to run (its scheduler is swapped if needed)
+           image=None,                                   # img2img and inpainting: the starting picture (not in the PNG)
+           mask_image=None                               # inpainting: the mask (not in the PNG either)
           ) -> Image.Image:
     "Make the image described by `src` again."
     if hasattr(src, 'components'): raise TypeError("replay(src, pipe): the PNG or settings come first, then the pipeline")
@@ -831,11 +848,21 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
     missing = [k for k in ('prompt', 'seed') if k not in s]
     if missing: raise ValueError(f"replay: the settings have no {' or '.join(missing)}; pass a PNG written by "
                                  f"`save_image` with its settings, or a dict like `res.settings[i]`")
-    if 'strength' in s: raise ValueError(
+    if 'mask' in s and (image is None or mask_image is None): raise ValueError(
+        f"replay: these settings are from inpainting (mask {s['mask']}), and a PNG holds neither the starting image "
+        f"nor the mask: pass image= and mask_image= (`sd_intro.inpainting.save_inpainting` writes them beside the "
+        f"picture, and `replay_inpainting` reads them back)")
+    if 'strength' in s and image is None: raise ValueError(
         f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
         f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
         f"img2img as a chain (`run_chain` / `replay_chain`)")
-    kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
+    kw = {k: s[k] for k in ('width', 'height', 'strength', 'padding_mask_crop') if k in s}
+    if image is not None: kw.update(image=image); kw.pop('width', None); kw.pop('height', None)  # size: the picture's
+    if mask_image is not None:
+        from sd_intro.inpainting import mask_id, check_mask
+        if 'mask' in s and mask_id(check_mask(mask_image)) != s['mask']: warnings.warn(
+            f"replay: mask_image is not the mask these settings were made with ({s['mask']}), so the picture will differ")
+        kw['mask_image'] = mask_image
     if s.get('clip_skip', 1) != 1:
         if not _whole(s['clip_skip']) or s['clip_skip'] < 1: raise ValueError(
             f"replay: Clip skip {s['clip_skip']!r}: the web UI counts from 1 (the last layer)")

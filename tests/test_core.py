@@ -83,7 +83,7 @@ def test_img2img_reuses_loaded_components(pipe):
 
 
 def test_bad_kind(pipe):
-    with pytest.raises(ValueError, match="kind='inpaint'"): load_pipeline(kind='inpaint')
+    with pytest.raises(ValueError, match="kind='depth2img'"): load_pipeline(kind='depth2img')
 
 
 def test_missing_local_folder_says_what_to_pass(tmp_path):
