@@ -51,7 +51,7 @@ def test_swap_word(pipe):
     star = swap_word(pipe, PROMPT, 'circle', 'star')
     torch.testing.assert_close(star, text_embeddings(pipe, PROMPT.replace('circle', 'star')), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="not a word of"): swap_word(pipe, PROMPT, 'square', 'star')
-    with pytest.raises(ValueError, match="new_word='zebra' is 4 tokens"): swap_word(pipe, PROMPT, 'circle', 'zebra')
+    with pytest.raises(ValueError, match="new_word='zebra' is .* tokens"): swap_word(pipe, PROMPT, 'circle', 'zebra')
     with pytest.raises(ValueError, match='pass one word'): one_token(pipe.tokenizer, '')
 
 
