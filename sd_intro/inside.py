@@ -160,12 +160,19 @@ def sample_parts(parts,                         # `Parts` (or a pipeline)
     return latents_to_images(parts.vae, latents)
 
 # %% ../nbs/06_inside.ipynb #b4c5be92
-def colour_loss(colour: str = 'blue' # a colour of the shapes world (`COLOURS`)
+def colour_loss(colour: str = 'blue',   # a colour of the shapes world (`COLOURS`)
+                shape_only: bool = True  # weigh each pixel by how far it is from the picture's median colour (its background)
                ) -> Callable[[torch.Tensor], torch.Tensor]:
-    "A loss per picture: the mean squared distance of its pixels (in [-1, 1]) to `colour`."
+    "A loss per picture: the mean squared distance of its pixels (in [-1, 1]) to `colour`, on the shape's pixels or on all."
     if colour not in COLOURS: raise ValueError(f"colour={colour!r} is not one of {list(COLOURS)}")
-    target = torch.tensor(COLOURS[colour], dtype=torch.float32) / 127.5 - 1
-    return lambda img: ((img - target.view(1, 3, 1, 1).to(img)) ** 2).mean((1, 2, 3))
+    target = torch.tensor(COLOURS[colour], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    def loss(img):
+        d = (img - target.to(img)) ** 2
+        if not shape_only: return d.mean((1, 2, 3))
+        x = img.detach()   # the weights are not trained: they only say where the shape is
+        w = (x - x.flatten(2).median(2).values[..., None, None]).norm(dim=1, keepdim=True)
+        return (w / (w.mean((2, 3), keepdim=True) + 1e-6) * d).mean((1, 2, 3))
+    return loss
 
 class LossGuidance:
     "Inside a `with`, every `every`-th scheduler step first moves the latents down the gradient of `loss` on the decoded predicted x0."
