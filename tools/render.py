@@ -22,6 +22,7 @@ MAX_BYTES = 2_000_000
 # The picture that heads each lesson in the README: the first PNG output of the first code cell containing this text.
 # The first entry also opens the README.
 HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sw.grid(',
+             '04_inpainting': "edits = [('object'", '06_inside': "swapped = swap_word(",
              '05_finetuning': 'res.grid('}
 
 
