@@ -21,7 +21,7 @@ MANIFEST = NBS / '_rendered.json'
 MAX_BYTES = 2_000_000
 # The picture that heads each lesson in the README: the first PNG output of the first code cell containing this text.
 # The first entry also opens the README.
-HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sw.grid(',
+HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sweep = strength_sweep(',
              '04_inpainting': "edits = [('object'", '06_inside': "swapped = swap_word(",
              '05_finetuning': 'res.grid('}
 
@@ -81,6 +81,10 @@ def headline_png(nb, needle: str) -> bytes | None:
 def write(path: Path, nb) -> dict:
     "Write executed `nb` over `path`, cleaned of metadata by nbdev_clean; its manifest entry."
     import nbformat
+    for c in nb.cells:   # PIL images show as both PNG and JPEG: keep the PNG only (half the notebook's size)
+        for o in c.get('outputs', []):
+            d = o.get('data', {})
+            if 'image/png' in d and 'image/jpeg' in d: del d['image/jpeg']
     nbformat.write(nb, path)
     subprocess.run([Path(sys.executable).parent / 'nbdev_clean', '--fname', str(path)], cwd=ROOT, check=True)
     nb = json.loads(path.read_text())
