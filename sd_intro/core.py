@@ -225,6 +225,19 @@ def _missing_model_error(model, err):
                    f"`huggingface-cli download {model}` (log in with `huggingface-cli login` and accept the model's "
                    f"licence on its Hub page first if it is gated), or set SD_INTRO_MODEL to a local folder.")
 
+# %% ../nbs/00_core.ipynb #9fe88b27
+def _drop_torchvision_notice():
+    "Drop transformers' notice that an image processor would like torchvision: Stable Diffusion pipelines do not use it."
+    import logging
+    from transformers.utils import logging as tlog
+    class NoTorchvisionNotice(logging.Filter):
+        def filter(self, record): return 'requires torchvision' not in record.getMessage()
+    root = tlog.get_logger()          # transformers' library logger: its handler prints every module's notices
+    for h in [root, *root.handlers]:
+        if not any(type(f).__name__ == 'NoTorchvisionNotice' for f in h.filters): h.addFilter(NoTorchvisionNotice())
+
+_drop_torchvision_notice()
+
 # %% ../nbs/00_core.ipynb #14913f2c
 def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local folder, a loaded pipeline, or None
                   kind: str = 'txt2img',            # 'txt2img', 'img2img' or 'inpaint' (lesson 4)
