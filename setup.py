@@ -12,12 +12,12 @@ expected = cfg_keys + "lib_name user branch license status min_python audience l
 for o in expected: assert o in cfg, "missing expected setting: {}".format(o)
 setup_cfg = {o:cfg[o] for o in cfg_keys}
 
-licenses = {
-    'apache2': ('Apache Software License 2.0','OSI Approved :: Apache Software License'),
-    'mit': ('MIT License', 'OSI Approved :: MIT License'),
-    'gpl2': ('GNU General Public License v2', 'OSI Approved :: GNU General Public License v2 (GPLv2)'),
-    'gpl3': ('GNU General Public License v3', 'OSI Approved :: GNU General Public License v3 (GPLv3)'),
-    'bsd3': ('BSD License', 'OSI Approved :: BSD License'),
+licenses = {  # name, classifier (setuptools < 77), SPDX expression (setuptools >= 77, which refuses the classifier)
+    'apache2': ('Apache Software License 2.0','OSI Approved :: Apache Software License', 'Apache-2.0'),
+    'mit': ('MIT License', 'OSI Approved :: MIT License', 'MIT'),
+    'gpl2': ('GNU General Public License v2', 'OSI Approved :: GNU General Public License v2 (GPLv2)', 'GPL-2.0-only'),
+    'gpl3': ('GNU General Public License v3', 'OSI Approved :: GNU General Public License v3 (GPLv3)', 'GPL-3.0-only'),
+    'bsd3': ('BSD License', 'OSI Approved :: BSD License', 'BSD-3-Clause'),
 }
 statuses = [ '1 - Planning', '2 - Pre-Alpha', '3 - Alpha',
     '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive' ]
@@ -26,8 +26,9 @@ py_versions = '3.10 3.11 3.12 3.13'.split()
 requirements = shlex.split(cfg.get('requirements', ''))
 if cfg.get('pip_requirements'): requirements += shlex.split(cfg.get('pip_requirements', ''))
 min_python = cfg['min_python']
-lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
-dev_requirements = (cfg.get('dev_requirements') or '').split()
+lic = licenses.get(cfg['license'].lower(), (cfg['license'], None, None))
+spdx = int(setuptools.__version__.split('.')[0]) >= 77 and lic[2]
+dev_requirements = shlex.split(cfg.get('dev_requirements') or '')  # quoted items may carry markers
 
 package_data = dict()
 pkg_data = cfg.get('package_data', None)
@@ -38,14 +39,17 @@ setup_cfg['package_data'] = package_data
 
 setuptools.setup(
     name = cfg['lib_name'],
-    license = lic[0],
+    license = spdx or lic[0],
     classifiers = [
         'Development Status :: ' + statuses[int(cfg['status'])],
         'Intended Audience :: ' + cfg['audience'].title(),
         'Natural Language :: ' + cfg['language'].title(),
-    ] + ['Programming Language :: Python :: '+o for o in py_versions[py_versions.index(min_python):]] + (['License :: ' + lic[1] ] if lic[1] else []),
+    ] + ['Programming Language :: Python :: '+o for o in py_versions[py_versions.index(min_python):]] + (['License :: ' + lic[1] ] if lic[1] and not spdx else []),
     url = cfg['git_url'],
-    packages = setuptools.find_packages(),
+    # the package and its data folders (assets/, configs/...: no __init__.py, so find_packages would leave them out
+    # and setuptools would warn "Package would be ignored"); package_data below names their files
+    packages = setuptools.find_namespace_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
+    license_files = ['LICENSE'],
     include_package_data = True,
     install_requires = requirements,
     extras_require={ 'dev': dev_requirements },

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import difflib, inspect, math, os, re, shutil, warnings
+import copy, difflib, inspect, json, math, os, re, shutil, tempfile, threading, warnings, weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 import sd_intro
@@ -17,28 +17,58 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
-__all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'image_grid', 'default_device',
-           'choose_dtype', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for', 'sampler_name',
-           'scheduler_for', 'check_guidance', 'pipe_params', 'check_steps', 'check_size', 'check_call', 'Generation',
-           'pipe_defaults', 'prompts_for', 'generate', 'format_parameters', 'parse_parameters', 'atomic_dir',
-           'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
+__all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
+           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'image_grid', 'default_device',
+           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
+           'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler', 'check_guidance',
+           'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation', 'pipe_defaults',
+           'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters', 'parse_parameters', 'atomic_dir',
+           'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
+def _font(size: int):
+    "DejaVu Sans (shipped with matplotlib: every glyph, punctuation included) at `size` px, else Pillow's default."
+    try:
+        from matplotlib import font_manager
+        return ImageFont.truetype(font_manager.findfont('DejaVu Sans'), size)
+    except Exception: return ImageFont.load_default(size=size)
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    "`text` in lines no wider than `width` pixels: broken between words, inside a word only when it is too long alone."
+    lines = []
+    for para in str(text).split('\n'):
+        line = ''
+        for word in para.split(' '):
+            cand = f"{line} {word}" if line else word
+            if font.getlength(cand) <= width or not line: line = cand
+            else: lines.append(line); line = word
+            while font.getlength(line) > width and len(line) > 1:   # one word wider than the tile: break it
+                cut = max(k for k in range(1, len(line) + 1) if font.getlength(line[:k]) <= width or k == 1)
+                lines.append(line[:cut]); line = line[cut:]
+        lines.append(line)
+    return lines
+
 def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
                rows: int | None = None,     # number of rows (default: from `cols`, or as square as possible)
                cols: int | None = None,     # number of columns (default: from `rows`)
                labels: Sequence[str] | None = None, # optional text under each tile
-               scale: int = 1               # enlarge every tile this many times (nearest neighbour)
+               scale: int = 1,              # enlarge every tile this many times (nearest neighbour)
+               row_labels: Sequence[str] | None = None, # optional text left of each row
+               col_labels: Sequence[str] | None = None, # optional text above each column
+               min_tile: int = 128,         # enlarge smaller tiles (whole times, nearest neighbour) to at least this; 0: never
+               font_size: int | None = None # label size in pixels (default: from the tile size, 15 at 128 px)
               ) -> Image.Image:
-    "Paste `imgs` into one picture of `rows` x `cols` tiles, optionally labelled."
+    "Paste `imgs` into one picture of `rows` x `cols` tiles, with labels under tiles, left of rows and above columns."
     imgs = [imgs] if isinstance(imgs, Image.Image) else list(imgs)
     if not imgs: raise ValueError("image_grid: imgs is empty; pass at least one image")
     bad = next((im for im in imgs if not isinstance(im, Image.Image)), None)
     if bad is not None: raise TypeError(f"image_grid: a tile is a {type(bad).__name__}; pass PIL images (Image.open for "
                                         f"files, Image.fromarray for arrays)")
-    for k, v in (('rows', rows), ('cols', cols), ('scale', scale)):
+    for k, v in (('rows', rows), ('cols', cols), ('scale', scale), ('font_size', font_size)):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
             raise ValueError(f"image_grid: {k}={v!r}: use a whole number of at least 1")
+    if not isinstance(min_tile, (int, np.integer)) or isinstance(min_tile, bool) or min_tile < 0:
+        raise ValueError(f"image_grid: min_tile={min_tile!r}: use a whole number of pixels, or 0 to keep tiles as they are")
     sizes = {im.size for im in imgs}
     if len(sizes) > 1: raise ValueError(f"image_grid: tiles have mixed sizes {sorted(sizes)}; resize them to one size first")
     if labels is not None and len(labels) != len(imgs):
@@ -48,18 +78,35 @@ def image_grid(imgs: Sequence[Image.Image], # tiles, all the same size
     if cols is None: cols = int(np.ceil(n / rows))
     if rows is None: rows = int(np.ceil(n / cols))
     if rows * cols < n: raise ValueError(f"image_grid: {rows}x{cols} grid is too small for {n} images; raise rows or cols")
+    for k, v, m in (('row_labels', row_labels, rows), ('col_labels', col_labels, cols)):
+        if v is not None and len(v) != m: raise ValueError(f"image_grid: {len(v)} {k} for {m} {k[:3]}s; pass one per {k[:3]}")
+    w0 = max(imgs[0].size)
+    scale = max(scale, -(-min_tile // w0)) if min_tile else scale
     if scale != 1: imgs = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in imgs]
     w, h = imgs[0].size
-    lh = 0 if labels is None else 14
-    grid = Image.new('RGB', size=(cols * w, rows * (h + lh)), color='white')
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    font = _font(font_size or min(28, max(15, w // 9)))
+    asc, desc = font.getmetrics()
+    line_h, pad = asc + desc, 3
+    wrap = lambda texts, width: [_wrap(t, font, width) for t in texts]
+    tile_lines = wrap(labels, w - 2 * pad) if labels is not None else None
+    lh = 0 if labels is None else max(len(l) for l in tile_lines) * line_h + 2 * pad
+    col_lines = wrap(col_labels, w - 2 * pad) if col_labels is not None else None
+    top = 0 if col_labels is None else max(len(l) for l in col_lines) * line_h + 2 * pad
+    row_lines = wrap(row_labels, max(w, 96)) if row_labels is not None else None
+    left = 0 if row_labels is None else int(max(font.getlength(s) for l in row_lines for s in l)) + 3 * pad
+    grid = Image.new('RGB', size=(left + cols * w, top + rows * (h + lh)), color='white')
+    draw = ImageDraw.Draw(grid)
+    def text(lines, x, y, width, centre=True):
+        for k, s in enumerate(lines):
+            dx = (width - font.getlength(s)) / 2 if centre else 0
+            draw.text((x + max(dx, 0), y + k * line_h), s, fill='black', font=font)
     for i, img in enumerate(imgs):
-        x, y = i % cols * w, i // cols * (h + lh)
+        x, y = left + i % cols * w, top + i // cols * (h + lh)
         grid.paste(img.convert('RGB'), box=(x, y))
-        if labels is not None:
-            text = str(labels[i])
-            while len(text) > 1 and draw.textlength(text, font=font) > w - 3: text = text[:-2] + '…'  # no overlaps
-            draw.text((x + 2, y + h + 1), text, fill='black', font=font)
+        if labels is not None: text(tile_lines[i], x + pad, y + h + pad, w - 2 * pad)
+    for c, lines in enumerate(col_lines or []): text(lines, left + c * w + pad, pad, w - 2 * pad)
+    for r, lines in enumerate(row_lines or []):
+        text(lines, pad, top + r * (h + lh) + (h - len(lines) * line_h) / 2, left - 2 * pad, centre=False)
     return grid
 
 # %% ../nbs/00_core.ipynb #d46cdd0f
@@ -89,6 +136,17 @@ def choose_dtype(device: str | torch.device | None = None, # where the pipeline 
                          f"not implemented for Half'; on MPS some schedulers give NaNs). Use dtype=torch.float32 "
                          f"(the default there), or run on a CUDA GPU.")
     return device, dtype
+
+# %% ../nbs/00_core.ipynb #2af33d48
+def gpu_cell(what: str,       # what the cell shows, e.g. "the astronaut on Stable Diffusion v1.4 (a 4 GB download)"
+             how: str = "run on a CUDA GPU or set SD_INTRO_RUN_GPU_CELLS=1" # how to make it run
+            ) -> bool:
+    "True if a real-checkpoint (GPU, download) cell should run here; else print one line saying what it skips."
+    ask = os.environ.get('SD_INTRO_RUN_GPU_CELLS', '').strip().lower()
+    if ask in ('1', 'true', 'yes'): return True
+    if ask not in ('0', 'false', 'no') and torch.cuda.is_available(): return True
+    print(f"skipped: needs a CUDA GPU: {what} ({how})")
+    return False
 
 # %% ../nbs/00_core.ipynb #b5bdd967
 EMBEDDED_MODEL = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-sd')
@@ -124,8 +182,8 @@ def _has_fp16_variant(model: str) -> bool:
     except Exception: return False
 
 # %% ../nbs/00_core.ipynb #f4b21d7e
-PIPELINE_KINDS = ('txt2img', 'img2img')
-_LOADED: dict = {}
+PIPELINE_KINDS = ('txt2img', 'img2img', 'inpaint')
+_LOADED: dict = {}   # (model, device, dtype) -> a pristine pipeline on the CPU, never handed out
 
 @contextmanager
 def quiet_loading(bars: bool = True # also hide diffusers' and transformers' loading progress bars
@@ -144,9 +202,10 @@ def quiet_loading(bars: bool = True # also hide diffusers' and transformers' loa
 
 def _pipeline_class(kind):
     with quiet_loading(bars=False):
-        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
     if kind not in PIPELINE_KINDS: raise ValueError(f"kind={kind!r} is not one of {list(PIPELINE_KINDS)}")
-    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline}[kind]
+    return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline,
+            'inpaint': StableDiffusionInpaintPipeline}[kind]
 
 def _missing_model_error(model, err):
     local = Path(model).expanduser()
@@ -166,9 +225,22 @@ def _missing_model_error(model, err):
                    f"`huggingface-cli download {model}` (log in with `huggingface-cli login` and accept the model's "
                    f"licence on its Hub page first if it is gated), or set SD_INTRO_MODEL to a local folder.")
 
+# %% ../nbs/00_core.ipynb #9fe88b27
+def _drop_torchvision_notice():
+    "Drop transformers' notice that an image processor would like torchvision: Stable Diffusion pipelines do not use it."
+    import logging
+    from transformers.utils import logging as tlog
+    class NoTorchvisionNotice(logging.Filter):
+        def filter(self, record): return 'requires torchvision' not in record.getMessage()
+    root = tlog.get_logger()          # transformers' library logger: its handler prints every module's notices
+    for h in [root, *root.handlers]:
+        if not any(type(f).__name__ == 'NoTorchvisionNotice' for f in h.filters): h.addFilter(NoTorchvisionNotice())
+
+_drop_torchvision_notice()
+
 # %% ../nbs/00_core.ipynb #14913f2c
 def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local folder, a loaded pipeline, or None
-                  kind: str = 'txt2img',            # 'txt2img' or 'img2img'
+                  kind: str = 'txt2img',            # 'txt2img', 'img2img' or 'inpaint' (lesson 4)
                   device: str | None = None,        # default: `default_device()`
                   dtype: str | torch.dtype | None = None, # default: float16 on CUDA, float32 elsewhere
                   fast: bool = False,               # the fast path: fused attention, channels-last, torch.compile on CUDA (`sd_intro.speed.make_fast`)
@@ -202,32 +274,34 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
                          f"torch {torch.__version__}): use device='cpu', or None for `default_device()`")
     if dev.type == 'mps' and not torch.backends.mps.is_available():
         raise ValueError(f"device={device!r}, but MPS is not available here: use device='cpu', or None")
-    key = (model, device, dtype, fast)
-    if key in _LOADED and not kwargs:
-        return load_pipeline(_LOADED[key], kind)
-    opts = dict(use_safetensors=True, **{_dtype_kwarg(): dtype})
-    if dtype == torch.float16 and _has_fp16_variant(model): opts['variant'] = 'fp16'
-    opts.update(kwargs)
-    if model == EMBEDDED_MODEL: opts.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        with quiet_loading(bars=Path(model).is_dir()):   # a local folder loads in seconds; downloads keep their bars
-            pipe = cls.from_pretrained(model, **opts)
-    except (OSError, EnvironmentError, ValueError) as e:
-        if opts.get('variant') and 'variant' in str(e):
-            raise ValueError(f"model={model!r} has no variant={opts['variant']!r} weights; leave out variant= "
-                             f"(on CUDA, load_pipeline takes fp16 weights by itself where a checkpoint has them)") from e
-        if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
-            raise ValueError(f"model={model!r} has only pickled .bin weights; sd_intro loads safetensors only. Convert "
-                             f"them (load once and `save_pretrained(..., safe_serialization=True)`).") from e
-        raise _missing_model_error(model, e) from e
-    pipe = pipe.to(device)
-    pipe.sd_intro_model = EMBEDDED_NAME if model == EMBEDDED_MODEL else model
+    key = (model, device, dtype)
+    if key in _LOADED and not kwargs:   # a fresh copy of the pristine one: nothing done to an earlier pipeline leaks in
+        pipe = load_pipeline(copy.deepcopy(_LOADED[key]), kind).to(device)
+    else:
+        opts = dict(use_safetensors=True, **{_dtype_kwarg(): dtype})
+        if dtype == torch.float16 and _has_fp16_variant(model): opts['variant'] = 'fp16'
+        opts.update(kwargs)
+        if model == EMBEDDED_MODEL: opts.update(safety_checker=None, requires_safety_checker=False)
+        try:
+            with quiet_loading(bars=Path(model).is_dir()):   # a local folder loads in seconds; downloads keep their bars
+                pipe = cls.from_pretrained(model, **opts)
+        except (OSError, EnvironmentError, ValueError) as e:
+            if opts.get('variant') and 'variant' in str(e):
+                raise ValueError(f"model={model!r} has no variant={opts['variant']!r} weights; leave out variant= "
+                                 f"(on CUDA, load_pipeline takes fp16 weights by itself where a checkpoint has them)") from e
+            if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
+                raise ValueError(f"model={model!r} has only pickled .bin weights; sd_intro loads safetensors only. Convert "
+                                 f"them (load once and `save_pretrained(..., safe_serialization=True)`).") from e
+            raise _missing_model_error(model, e) from e
+        pipe.sd_intro_model = EMBEDDED_NAME if model == EMBEDDED_MODEL else model
+        if not kwargs: _LOADED[key] = copy.deepcopy(pipe)   # still on the CPU, as loaded
+        pipe = pipe.to(device)
     if fast:
         from sd_intro.speed import make_fast
         make_fast(pipe)
     pipe.set_progress_bar_config(disable=model == EMBEDDED_MODEL)
-    if not kwargs: _LOADED[key] = pipe
     return pipe
+
 
 # %% ../nbs/00_core.ipynb #09b1702f
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -263,20 +337,97 @@ SAMPLER_NAMES = {'DDIMScheduler': 'DDIM', 'PNDMScheduler': 'PLMS', 'LMSDiscreteS
                  'EulerDiscreteScheduler': 'Euler', 'EulerAncestralDiscreteScheduler': 'Euler a',
                  'DPMSolverMultistepScheduler': 'DPM++ 2M', 'HeunDiscreteScheduler': 'Heun',
                  'KDPM2DiscreteScheduler': 'DPM2', 'UniPCMultistepScheduler': 'UniPC', 'DDPMScheduler': 'DDPM'}
+# The AUTOMATIC1111 web UI's samplers that diffusers has: name -> (scheduler class, the config that makes it that sampler)
+A1111_SAMPLERS = {
+    'DDIM': ('DDIMScheduler', {}), 'PLMS': ('PNDMScheduler', {}), 'LMS': ('LMSDiscreteScheduler', {}),
+    'Euler': ('EulerDiscreteScheduler', {}), 'Euler a': ('EulerAncestralDiscreteScheduler', {}),
+    'Heun': ('HeunDiscreteScheduler', {}), 'DPM2': ('KDPM2DiscreteScheduler', {}),
+    'DPM2 a': ('KDPM2AncestralDiscreteScheduler', {}), 'UniPC': ('UniPCMultistepScheduler', {}),
+    'LCM': ('LCMScheduler', {}), 'DDPM': ('DDPMScheduler', {}), 'DPM++ SDE': ('DPMSolverSDEScheduler', {}),
+    'DPM++ 2M': ('DPMSolverMultistepScheduler', dict(algorithm_type='dpmsolver++', solver_order=2, solver_type='midpoint')),
+    'DPM++ 2M SDE': ('DPMSolverMultistepScheduler', dict(algorithm_type='sde-dpmsolver++', solver_order=2, solver_type='midpoint')),
+    'DPM++ 2M SDE Heun': ('DPMSolverMultistepScheduler', dict(algorithm_type='sde-dpmsolver++', solver_order=2, solver_type='heun')),
+    'DPM++ 3M SDE': ('DPMSolverMultistepScheduler', dict(algorithm_type='sde-dpmsolver++', solver_order=3, solver_type='midpoint')),
+}
+A1111_MISSING = ('DPM++ 2S a', 'DPM fast', 'DPM adaptive', 'Restart', 'DDIM CFG++')   # web-UI samplers diffusers lacks
+# The web UI's "Schedule type" (and the old name suffixes, "DPM++ 2M Karras"): the scheduler config for each
+SCHEDULE_TYPES = {'Automatic': {}, 'Uniform': {}, 'Karras': dict(use_karras_sigmas=True),
+                  'Exponential': dict(use_exponential_sigmas=True), 'Beta': dict(use_beta_sigmas=True),
+                  'SGM Uniform': dict(timestep_spacing='trailing')}
+SCHEDULE_MISSING = ('Polyexponential', 'KL Optimal', 'Align Your Steps', 'Simple', 'Normal', 'DDIM')
+_SIGMA_FLAGS = ('use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas')
+
+def split_sampler(name: str) -> tuple[str, str | None]:
+    "('DPM++ 2M', 'Karras') from the web UI's old combined names like 'DPM++ 2M Karras'; (name, None) otherwise."
+    for t in sorted(SCHEDULE_TYPES, key=len, reverse=True):
+        if t not in ('Automatic', 'Uniform') and name.endswith(' ' + t) and name[:-len(t) - 1] in A1111_SAMPLERS:
+            return name[:-len(t) - 1], t
+    return name, None
 
 def sampler_name(scheduler) -> str:
-    "The sampler's name as settings record it: ours or the AUTOMATIC1111 web UI's, with ' Karras' on Karras sigmas."
-    name = SAMPLER_NAMES.get(type(scheduler).__name__, type(scheduler).__name__)
-    return name + (' Karras' if scheduler.config.get('use_karras_sigmas') else '')
+    "The sampler's name as settings record it: ours or the AUTOMATIC1111 web UI's, with ' Karras' (etc.) on Karras sigmas."
+    cfg, cls = scheduler.config, type(scheduler).__name__
+    name = next((n for n, (c, over) in A1111_SAMPLERS.items() if c == cls and over
+                 and all(cfg.get(k) == v for k, v in over.items())), None) or SAMPLER_NAMES.get(cls) \
+           or next((n for n, (c, over) in A1111_SAMPLERS.items() if c == cls and not over), cls)   # 'LCM', 'DPM2 a'
+    if cls == 'DPMSolverMultistepScheduler' and name == 'DPM++ 2M' and not all(
+            cfg.get(k) == v for k, v in A1111_SAMPLERS['DPM++ 2M'][1].items()): name = cls   # another DPM-Solver variant
+    sched = next((t for t, over in SCHEDULE_TYPES.items() if over and all(cfg.get(k) == v for k, v in over.items())), None)
+    return name + (f' {sched}' if sched and name in A1111_SAMPLERS else '')
+
+def _scheduler_class(name: str):
+    "The diffusers scheduler class called `name`; nothing else is built from a name."
+    import diffusers
+    if not re.fullmatch(r'[A-Z]\w*Scheduler', name): return None
+    try: cls = getattr(diffusers, name)
+    except (AttributeError, ImportError): return None
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) else None
+
+def scheduler_spec(sampler: str,                # a sampler name (ours or the web UI's) or a diffusers scheduler class name
+                   schedule_type: str | None = None # the web UI's 'Schedule type' (Karras, Exponential, ...), if any
+                  ) -> tuple[type, dict]:
+    "The diffusers scheduler class and the config changes that make `sampler`; anything else is refused by name."
+    if not isinstance(sampler, str): raise TypeError(f"sampler={sampler!r}: pass a sampler name such as 'Euler a'")
+    base, suffix = split_sampler(sampler)
+    if suffix and schedule_type not in (None, suffix, 'Automatic'): raise ValueError(
+        f"sampler={sampler!r} names schedule {suffix!r}, but schedule type {schedule_type!r} is given too; keep one")
+    schedule = suffix or schedule_type or 'Automatic'
+    if base in A1111_SAMPLERS: cls_name, over = A1111_SAMPLERS[base]
+    elif base in SAMPLER_NAMES: cls_name, over = base, {}
+    elif base in A1111_MISSING: raise ValueError(
+        f"sampler={sampler!r} is an AUTOMATIC1111 web-UI sampler that diffusers does not have, so it cannot be replayed "
+        f"here; the samplers it can use are {list(A1111_SAMPLERS)}")
+    else:
+        cls_name, over = base, {}
+        if _scheduler_class(base) is None: raise ValueError(
+            f"sampler={sampler!r} is not a known sampler: use one of {list(A1111_SAMPLERS)} or a diffusers scheduler "
+            f"class name such as 'EulerDiscreteScheduler'")
+    cls = _scheduler_class(cls_name)
+    if cls is None: raise ValueError(f"sampler={sampler!r} needs diffusers' {cls_name}, which this installation lacks "
+                                     f"(DPM++ SDE needs `pip install torchsde`)")
+    if schedule in SCHEDULE_MISSING: raise ValueError(
+        f"schedule type {schedule!r} is a web-UI schedule diffusers does not have; those it has: {list(SCHEDULE_TYPES)}")
+    if schedule not in SCHEDULE_TYPES: raise ValueError(f"schedule type {schedule!r} is not known: use one of {list(SCHEDULE_TYPES)}")
+    params = inspect.signature(cls.__init__).parameters
+    want = SCHEDULE_TYPES[schedule]
+    if any(k not in params for k in want): raise ValueError(
+        f"schedule type {schedule!r} does not apply to {base!r} ({cls.__name__} has no {', '.join(k for k in want if k not in params)})")
+    over = {**over, **{k: False for k in _SIGMA_FLAGS if k in params}, **want}
+    return cls, over
 
 def scheduler_for(sampler: str):
     "The diffusers scheduler class for a sampler name (ours or the AUTOMATIC1111 web UI's; ' Karras' names the same class)."
-    import diffusers
-    names = {v: k for k, v in SAMPLER_NAMES.items()}
-    if isinstance(sampler, str) and sampler.endswith(' Karras'): sampler = sampler[:-len(' Karras')]
-    cls = names.get(sampler, sampler)
-    if not hasattr(diffusers, cls): raise ValueError(f"sampler={sampler!r} is not a known sampler: one of {list(names)}")
-    return getattr(diffusers, cls)
+    return scheduler_spec(sampler)[0]
+
+def make_scheduler(sampler: str,                # a sampler name (ours or the web UI's) or a scheduler class name
+                   config,                      # the config to start from (the pipeline's scheduler's)
+                   schedule_type: str | None = None # the web UI's 'Schedule type', if any
+                  ):
+    "A scheduler for `sampler` (and `schedule_type`) built from `config`: 'DPM++ 2M SDE Karras' is DPM-Solver++ in its SDE form on Karras sigmas."
+    cls, over = scheduler_spec(sampler, schedule_type)
+    try: return cls.from_config(config, **over)
+    except ImportError as e: raise ValueError(f"sampler={sampler!r} needs a package that is not installed: {e}") from None
+
 
 # %% ../nbs/00_core.ipynb #6332de0d
 def _real(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
@@ -307,6 +458,9 @@ def check_steps(num_inference_steps: int, pipe=None, what: str = 'num_inference_
     if not _whole(num_inference_steps) or not 1 <= num_inference_steps <= top:
         raise ValueError(f"{what}={num_inference_steps!r}: use a whole number from 1 to {top} (20 to 50 is usual)")
 
+class SizeNote(UserWarning):
+    "A size the model was not trained at: allowed, but worth knowing."
+
 def check_size(height: int | None, width: int | None, pipe=None):
     "A clear error unless each given size is a multiple of 8 from 8 to 4096 pixels."
     for k, v in (('height', height), ('width', width)):
@@ -314,11 +468,22 @@ def check_size(height: int | None, width: int | None, pipe=None):
             trained = f"; this model was trained at {pipe_defaults(pipe)[k]}" if pipe is not None else ''
             raise ValueError(f"{k}={v!r}: use a multiple of 8 from 8 to 4096 pixels (the VAE shrinks pictures 8 "
                              f"times){trained}")
+    if pipe is not None and not getattr(pipe, '_sd_intro_size_noted', False):
+        native = pipe_defaults(pipe)
+        h, w = height or native['height'], width or native['width']
+        if (h, w) != (native['height'], native['width']):
+            pipe._sd_intro_size_noted = True   # once per pipeline: a sweep over sizes should not repeat it
+            warnings.warn(f"height x width {h}x{w}: this model was trained on {native['height']}x{native['width']} "
+                          f"pictures. Away from its training size a model repeats or breaks its objects (the embedded "
+                          f"model draws several shapes at 96-256 px and broken ones at 48 or 72 px; real Stable "
+                          f"Diffusion 1.x does the same away from 512 px). Said once per pipeline.", SizeNote, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #3f3ed768
 def _meant(pipe, k: str, names: dict) -> str:
     "What keyword `k`, which `pipe` does not take, was meant to be."
     img2img = 'image' in names
+    if k == 'mask_image': return ("it is for inpainting: use sd_intro.inpainting.inpaint_pipeline(pipe), or "
+                                  "load_pipeline(pipe, kind='inpaint')")
     if k in ('image', 'strength') and not img2img:
         return "it is for img2img: use load_pipeline(pipe, kind='img2img')"
     if k in ('height', 'width') and img2img:
@@ -346,15 +511,25 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         raise TypeError(f"negative_prompt={negative_prompt!r}: pass a str (it applies to every image), a list of str "
                         f"(one per prompt), or None")
     check_steps(num_inference_steps, pipe)
+    if kwargs.get('clip_skip') and getattr(pipe, 'text_encoder', None) is not None \
+            and not hasattr(pipe.text_encoder, 'text_model') and hasattr(pipe.text_encoder, 'final_layer_norm'):
+        # diffusers applies clip_skip through `text_encoder.text_model.final_layer_norm`; transformers 5's CLIPTextModel
+        # has its layers at the top level. An unregistered alias (not a submodule: no cycle in `modules()`) mends it.
+        object.__setattr__(pipe.text_encoder, 'text_model', pipe.text_encoder)
     check_size(kwargs.get('height'), kwargs.get('width'), pipe)
     if names is not None and 'image' in names and 'strength' in names:    # img2img
         if kwargs.get('image') is None: raise ValueError(
-            "generate: an img2img pipeline needs image=: a file path, URL or PIL image (see load_image)")
+            f"generate: an {'inpainting' if 'mask_image' in names else 'img2img'} pipeline needs image=: a file "
+            f"path, URL or PIL image (see load_image)")
         im = kwargs['image']
-        if isinstance(im, (str, os.PathLike)) or isinstance(im, np.ndarray) and im.dtype == np.uint8 \
-                or isinstance(im, Image.Image) and im.mode != 'RGB':   # float arrays/tensors in [0, 1]: as diffusers takes them
+        if isinstance(im, (str, os.PathLike, Image.Image)) or isinstance(im, np.ndarray) and im.dtype == np.uint8:
+            # float arrays/tensors in [0, 1] go as diffusers takes them; pictures get load_image's checks and size note
             from sd_intro.img2img import load_image
             kwargs['image'] = load_image(im)
+        if 'mask_image' in names:   # inpainting: the mask checked, and one copy of picture and mask per image
+            from sd_intro.inpainting import check_inpaint_inputs
+            kwargs['image'], kwargs['mask_image'] = check_inpaint_inputs(kwargs['image'], kwargs.get('mask_image'),
+                                                                         len(prompts), kwargs.get('padding_mask_crop'))
         st = kwargs.get('strength', names['strength'].default)
         if not _real(st) or not 0 < st <= 1:
             raise ValueError(f"strength={st!r}: use more than 0 (keep the picture) and at most 1 (redraw it all)")
@@ -396,6 +571,8 @@ class Generation:
     def _repr_png_(self): return self.grid()._repr_png_()
 
 # %% ../nbs/00_core.ipynb #468bada1
+MAX_IMAGES = 4096   # images one `generate` call makes (in one batch); more is almost surely a typo, and runs out of memory
+
 def pipe_defaults(pipe) -> dict:
     "Default height, width and model id of `pipe`."
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -407,13 +584,28 @@ def prompts_for(prompt: str | Sequence[str], # one prompt, or one per image
                ) -> list[str]:
     "One prompt per image: `prompt` repeated `n` times (or once per seed in a list of seeds), or the list as given."
     if n is not None and (not _whole(n) or n < 1): raise ValueError(f"n={n!r}: use a whole number of images, 1 or more")
+    if n is not None and n > MAX_IMAGES: raise ValueError(
+        f"n={n}: one generate call makes its images in one batch, at most {MAX_IMAGES}; make more in several calls "
+        f"(seed=s, s + k, ... for each batch of k)")
     if not isinstance(prompt, (str, list, tuple)): raise TypeError(
         f"prompt={prompt!r} is a {type(prompt).__name__}; pass a str, or a list of str (one per image)")
     many_seeds = isinstance(seed, (list, tuple, range)) or isinstance(seed, np.ndarray) and seed.ndim == 1
     prompts = [prompt] * (n or (many_seeds and len(seed)) or 1) if isinstance(prompt, str) else list(prompt)
     if n is not None and len(prompts) != n: raise ValueError(f"n={n} but {len(prompts)} prompts; pass one prompt or n of them")
     if not prompts: raise ValueError("prompt: no prompts given")
+    if len(prompts) > MAX_IMAGES: raise ValueError(
+        f"{len(prompts)} prompts: one generate call makes its images in one batch, at most {MAX_IMAGES}; split the list")
     return prompts
+
+_LOCKS, _LOCKS_LOCK = weakref.WeakKeyDictionary(), threading.Lock()
+
+def pipe_lock(pipe) -> threading.RLock:
+    "The lock `generate` and `replaying` hold while they use `pipe` (shared by pipelines that share its UNet and scheduler)."
+    key = getattr(pipe, 'unet', None)
+    if key is None: key = pipe
+    with _LOCKS_LOCK:
+        try: return _LOCKS.setdefault(key, threading.RLock())
+        except TypeError: return threading.RLock()   # an object that takes no weak reference: nothing shared to guard
 
 def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
              prompt: str | Sequence[str], # one prompt, or one per image
@@ -434,8 +626,9 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
         kwargs.setdefault('height', d['height']); kwargs.setdefault('width', d['width'])
     neg = None if negative_prompt is None else list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) \
           else [negative_prompt] * len(prompts)
-    out = pipe(prompts, negative_prompt=neg, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-               generator=generators(seeds), **kwargs)
+    with pipe_lock(pipe):   # a scheduler keeps state between steps: two threads in one pipeline would mix their runs
+        out = pipe(prompts, negative_prompt=neg, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   generator=generators(seeds), **kwargs)
     nsfw = list(getattr(out, 'nsfw_content_detected', None) or [False] * len(prompts))
     if any(nsfw):
         warnings.warn(f"The safety checker blanked {sum(nsfw)} of {len(nsfw)} images (seeds "
@@ -450,36 +643,82 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
                   sampler=sampler_name(pipe.scheduler),
                   model=d['model'], nsfw=bool(f))
         if 'strength' in kwargs: st['strength'] = kwargs['strength']
+        if 'mask_image' in kwargs:   # inpainting: which mask (the PNG cannot hold it), and its crop padding
+            from sd_intro.inpainting import mask_id
+            st['mask'] = mask_id(kwargs['mask_image'])
+            if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
+        if kwargs.get('clip_skip'): st['clip_skip'] = kwargs['clip_skip'] + 1   # the web UI counts the last layer as 1
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
 
 # %% ../nbs/00_core.ipynb #2786f774
+def quote(v) -> str:
+    "`v` as the web UI writes a value in `parameters`: in JSON quotes when it holds ',', ':' or a line break."
+    t = str(v)
+    return json.dumps(t, ensure_ascii=False) if any(ch in t for ch in ',:\n') else t
+
 def format_parameters(s: dict) -> str:
-    "Settings as AUTOMATIC1111's `parameters` text: prompt, 'Negative prompt: ...', then 'Steps: ..., Seed: ...'."
-    lines = [s.get('prompt', '')]
-    if s.get('negative_prompt'): lines.append(f"Negative prompt: {s['negative_prompt']}")
-    kv = [('Steps', s.get('steps')), ('Sampler', s.get('sampler')), ('CFG scale', s.get('guidance_scale')),
+    "Settings as the AUTOMATIC1111 web UI writes its `parameters` text: prompt, 'Negative prompt: ...', then 'Steps: ..., Sampler: ...'."
+    sampler, schedule = s.get('sampler'), s.get('schedule_type')
+    if sampler and not schedule: sampler, schedule = split_sampler(sampler)   # today's web UI: 'Schedule type: Karras'
+    kv = [('Steps', s.get('steps')), ('Sampler', sampler), ('Schedule type', schedule), ('CFG scale', s.get('guidance_scale')),
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
-          ('Denoising strength', s.get('strength')), ('Model', s.get('model'))]
-    lines.append(', '.join(f"{k}: {v}" for k, v in kv if v is not None and v != ''))
-    return '\n'.join(lines)
+          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
+          ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
+    kv += list((s.get('extra') or {}).items())
+    params = ', '.join(f"{k}: {quote(v)}" for k, v in kv if v is not None and v != '')
+    neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get('negative_prompt') else ''
+    return f"{s.get('prompt', '')}{neg}\n{params}".strip()
 
 # %% ../nbs/00_core.ipynb #6e874c73
-_KEYS = {'Steps': ('steps', int), 'Sampler': ('sampler', str), 'CFG scale': ('guidance_scale', float),
-         'Seed': ('seed', int), 'Denoising strength': ('strength', float), 'Model': ('model', str)}
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')   # the web UI's own pattern
+_INFO_ONLY = ('Model hash', 'VAE hash', 'Version', 'Hashes', 'Lora hashes', 'TI hashes')   # say which, change nothing
+
+def _unquote(v: str) -> str:
+    if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+        try: return json.loads(v)
+        except json.JSONDecodeError: pass
+    return v
+
+def _number(k: str, v: str, kind=int):
+    try: return kind(v)
+    except (TypeError, ValueError): raise ValueError(
+        f"parameters: '{k}: {v}' is not {'a whole number' if kind is int else 'a number'}; the PNG's settings text is "
+        f"damaged: correct that value (the web UI's 'PNG Info' shows it), or pass the settings as a dict") from None
+
+def _params_line(line: str) -> bool: return bool(re.match(r'\s*Steps: ', line)) or len(_PARAM.findall(line)) >= 3
 
 def parse_parameters(text: str) -> dict:
-    "Settings from AUTOMATIC1111-style `parameters` text (ours or the web UI's)."
-    lines = text.strip('\n').split('\n')
-    last = lines[-1] if re.match(r'^\s*Steps: ', lines[-1]) else ''
-    body = lines[:-1] if last else lines
-    neg_at = next((i for i, l in enumerate(body) if l.startswith('Negative prompt:')), len(body))
-    s = dict(prompt='\n'.join(body[:neg_at]).strip(),
-             negative_prompt='\n'.join(body[neg_at:])[len('Negative prompt:'):].strip() if neg_at < len(body) else '')
-    for m in re.finditer(r'\s*([\w ]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', last):
-        k, v = m.group(1).strip(), m.group(2).strip()
-        if k == 'Size': s['width'], s['height'] = map(int, v.split('x'))
-        elif k in _KEYS: s[_KEYS[k][0]] = _KEYS[k][1](v)
+    "Settings from AUTOMATIC1111-style `parameters` text (ours or the web UI's), read as the web UI reads it."
+    if not isinstance(text, str): raise TypeError(f"parameters: expected text, got a {type(text).__name__}")
+    *lines, last = text.strip().split('\n')
+    if not _params_line(last): lines, last = lines + [last], ''
+    prompt, neg, in_neg = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith('Negative prompt:'): in_neg, line = True, line[16:].strip()
+        (neg if in_neg else prompt).append(line)
+    s, extra = dict(prompt='\n'.join(prompt), negative_prompt='\n'.join(neg)), {}
+    fields = {k: _unquote(v.strip()) for k, v in _PARAM.findall(last)}
+    hires = any(k.startswith('Hires') for k in fields)   # then 'Denoising strength' is the hires pass's, not img2img's
+    for k, v in fields.items():
+        if k == 'Steps': s['steps'] = _number(k, v)
+        elif k == 'Sampler': s['sampler'] = v
+        elif k == 'Schedule type': s['schedule_type'] = v
+        elif k == 'CFG scale': s['guidance_scale'] = _number(k, v, float)
+        elif k == 'Seed': s['seed'] = _number(k, v)
+        elif k == 'Size':
+            m = re.fullmatch(r'(\d+)x(\d+)', v)
+            if not m: raise ValueError(f"parameters: 'Size: {v}' is not WIDTHxHEIGHT (like 512x768); the PNG's settings "
+                                       f"text is damaged: correct it, or pass the settings as a dict")
+            s['width'], s['height'] = int(m[1]), int(m[2])
+        elif k == 'Model': s['model'] = v
+        elif k == 'Denoising strength' and not hires: s['strength'] = _number(k, v, float)
+        elif k == 'Clip skip': s['clip_skip'] = _number(k, v)
+        elif k == 'Mask': s['mask'] = v
+        elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
+        else: extra[k] = v
+    if extra: s['extra'] = extra
     return s
 
 # %% ../nbs/00_core.ipynb #4afd0902
@@ -497,6 +736,24 @@ def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+# %% ../nbs/00_core.ipynb #2657821b
+_UMASK = os.umask(0); os.umask(_UMASK)
+
+@contextmanager
+def atomic_file(path: str | os.PathLike # the file to write (replaced whole if it exists)
+               ):
+    "Yield a temporary file name of its own beside `path` (safe from other threads and processes); it replaces `path` if the block succeeds, and is removed if it fails."
+    path = Path(path)
+    if path.is_dir(): raise IsADirectoryError(f"path={str(path)!r} is a folder; pass a file name, e.g. {str(path / ('file' + path.suffix))!r}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix='.tmp', dir=path.parent)
+    os.close(fd); tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)   # as an ordinary new file, not mkstemp's owner-only
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists(): tmp.unlink()
 
 # %% ../nbs/00_core.ipynb #bb7429c5
 def save_pipeline(pipe,                     # a Stable Diffusion pipeline
@@ -518,7 +775,7 @@ def save_image(img: Image.Image,  # the image
                path: str | os.PathLike, # where to write the PNG
                settings: dict | None = None # the settings that made it (from `generate`)
               ) -> Path:
-    "Write `img` as a PNG with `settings` in its `parameters` text chunk; written whole or not at all."
+    "Write `img` as a PNG with `settings` in its `parameters` text chunk (and the exact prompts in `sd_intro`); written whole or not at all."
     if isinstance(img, Generation):
         if len(img) != 1: raise TypeError(f"save_image: img is a Generation of {len(img)} images; save one at a time: "
                                           f"save_image(res[i], path, res.settings[i])")
@@ -532,53 +789,69 @@ def save_image(img: Image.Image,  # the image
     path = Path(path).expanduser()
     if path.suffix.lower() != '.png': raise ValueError(f"path={str(path)!r}: settings live in PNG text chunks; use a .png name")
     if not path.parent.exists(): raise FileNotFoundError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
+    if path.is_dir(): raise IsADirectoryError(f"path={str(path)!r} is a folder; pass a file name in it, e.g. "
+                                              f"{str(path / 'image.png')!r}")
     info = PngImagePlugin.PngInfo()
-    if settings: info.add_text('parameters', format_parameters(settings))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        img.save(tmp, format='PNG', pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    if settings:
+        info.add_text('parameters', format_parameters(settings))
+        info.add_text('sd_intro', json.dumps(dict(prompt=settings.get('prompt', ''), negative_prompt=settings.get('negative_prompt') or '')))
+    with atomic_file(path) as tmp: img.save(tmp, format='PNG', pnginfo=info)
     return path
 
+
 # %% ../nbs/00_core.ipynb #c1277417
+def _exact_prompts(text: str, chunk) -> dict:
+    "The prompts `save_image` kept verbatim, if they are those of `text` (a prompt may hold a line 'Negative prompt: ...')."
+    try: p = json.loads(chunk)
+    except (TypeError, ValueError): return {}
+    if not (isinstance(p, dict) and isinstance(p.get('prompt'), str) and isinstance(p.get('negative_prompt'), str)): return {}
+    last = text.split('\n')[-1]
+    head = p['prompt'] + (f"\nNegative prompt: {p['negative_prompt']}" if p['negative_prompt'] else '')
+    return p if _params_line(last) and (head + '\n' + last).strip() == text else {}
+
 def read_settings(src: str | os.PathLike | Image.Image) -> dict:
     "The settings stored in a PNG by `save_image` or by the AUTOMATIC1111 web UI."
-    if isinstance(src, Image.Image): img = src
+    if isinstance(src, Image.Image): info = src.info
     else:
-        try: img = Image.open(Path(src).expanduser())
+        p = Path(src).expanduser()
+        if p.is_dir(): raise IsADirectoryError(f"read_settings: {str(src)!r} is a folder; pass one PNG in it")
+        try:
+            with Image.open(p) as img: info = dict(img.info)   # closed again at once
         except (OSError, ValueError) as e:   # a missing file keeps its FileNotFoundError; a non-image says so
             if isinstance(e, FileNotFoundError): raise
             raise ValueError(f"read_settings: {str(src)!r} is not an image ({type(e).__name__}); pass a PNG written "
                              f"by `save_image` or the AUTOMATIC1111 web UI") from None
-    text = img.info.get('parameters')
-    if text is None: raise ValueError(f"{getattr(img, 'filename', None) or src!r} has no 'parameters' text chunk: it was not saved with its settings")
-    return parse_parameters(text)
+    text = info.get('parameters')
+    if text is None: raise ValueError(f"{getattr(src, 'filename', None) or src!r} has no 'parameters' text chunk: it was not saved with its settings")
+    s = parse_parameters(text)
+    s.update(_exact_prompts(text, info.get('sd_intro')))
+    return s
 
 # %% ../nbs/00_core.ipynb #0ceb168c
 @contextmanager
 def replaying(pipe,            # the pipeline that will replay
-              settings: dict,  # recorded settings: their 'model' and 'sampler' are used
+              settings: dict,  # recorded settings: their 'model', 'sampler' and 'schedule_type' are used
               what: str = "These settings" # how the warning names the record
              ):
-    "Warn if `settings` were made with another model; run the block with the scheduler they name, restored after."
+    "Warn if `settings` were made with another model; run the block with the scheduler they name (restored after), holding the pipeline's lock."
     model = pipe_defaults(pipe)['model']
     key = lambda m: Path(EMBEDDED_MODEL if str(m) == EMBEDDED_NAME else str(m)).name  # older records hold the path
     if settings.get('model') and key(settings['model']) != key(model):
         warnings.warn(f"{what} were made with model {settings['model']!r}; replaying on {model!r} gives other pictures.")
-    old, name = pipe.scheduler, settings.get('sampler') or ''
-    want = scheduler_for(name) if name else type(old)
-    karras = name.endswith(' Karras')   # AUTOMATIC1111's "DPM++ 2M Karras": the same solver on Karras sigmas
-    if type(old) is not want or karras != bool(old.config.get('use_karras_sigmas')):
-        pipe.scheduler = want.from_config(old.config, **({'use_karras_sigmas': karras} if 'use_karras_sigmas' in
-                                                         inspect.signature(want.__init__).parameters else {}))
-    try: yield pipe
-    finally: pipe.scheduler = old
+    name, schedule = settings.get('sampler') or '', settings.get('schedule_type')
+    for k, v in (('sampler', name), ('schedule_type', schedule)):
+        if v is not None and not isinstance(v, str): raise TypeError(f"{what}: {k}={v!r} is not a name")
+    with pipe_lock(pipe):
+        old = pipe.scheduler
+        if name or schedule: pipe.scheduler = make_scheduler(name or type(old).__name__, old.config, schedule)
+        try: yield pipe
+        finally: pipe.scheduler = old
 
 # %% ../nbs/00_core.ipynb #2d33d6d4
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
-           pipe                                          # the pipeline to run (its scheduler is swapped if needed)
+           pipe,                                         # the pipeline to run (its scheduler is swapped if needed)
+           image=None,                                   # img2img and inpainting: the starting picture (not in the PNG)
+           mask_image=None                               # inpainting: the mask (not in the PNG either)
           ) -> Image.Image:
     "Make the image described by `src` again."
     if hasattr(src, 'components'): raise TypeError("replay(src, pipe): the PNG or settings come first, then the pipeline")
@@ -588,11 +861,29 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
     missing = [k for k in ('prompt', 'seed') if k not in s]
     if missing: raise ValueError(f"replay: the settings have no {' or '.join(missing)}; pass a PNG written by "
                                  f"`save_image` with its settings, or a dict like `res.settings[i]`")
-    if 'strength' in s: raise ValueError(
+    if 'mask' in s and (image is None or mask_image is None): raise ValueError(
+        f"replay: these settings are from inpainting (mask {s['mask']}), and a PNG holds neither the starting image "
+        f"nor the mask: pass image= and mask_image= (`sd_intro.inpainting.save_inpainting` writes them beside the "
+        f"picture, and `replay_inpainting` reads them back)")
+    if 'strength' in s and image is None: raise ValueError(
         f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
         f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
         f"img2img as a chain (`run_chain` / `replay_chain`)")
-    kw = {k: s[k] for k in ('width', 'height', 'strength') if k in s}
+    kw = {k: s[k] for k in ('width', 'height', 'strength', 'padding_mask_crop') if k in s}
+    if image is not None: kw.update(image=image); kw.pop('width', None); kw.pop('height', None)  # size: the picture's
+    if mask_image is not None:
+        from sd_intro.inpainting import mask_id, check_mask
+        if 'mask' in s and mask_id(check_mask(mask_image)) != s['mask']: warnings.warn(
+            f"replay: mask_image is not the mask these settings were made with ({s['mask']}), so the picture will differ")
+        kw['mask_image'] = mask_image
+    if s.get('clip_skip', 1) != 1:
+        if not _whole(s['clip_skip']) or s['clip_skip'] < 1: raise ValueError(
+            f"replay: Clip skip {s['clip_skip']!r}: the web UI counts from 1 (the last layer)")
+        kw['clip_skip'] = s['clip_skip'] - 1   # diffusers counts the layers skipped
+    extra = s.get('extra') or {}
+    unused = ', '.join(f"{k}: {v}" for k, v in extra.items() if k not in _INFO_ONLY)
+    if unused: warnings.warn(f"replay: the settings hold web-UI fields that sd_intro does not apply: {unused}" + (
+        "; without the hires fix this is its first pass, at the recorded size" if any(k.startswith('Hires') for k in extra) else ''))
     with replaying(pipe, s):
         return generate(pipe, s['prompt'], seed=s['seed'], negative_prompt=s.get('negative_prompt') or None,
                         num_inference_steps=s.get('steps', 50), guidance_scale=s.get('guidance_scale', 7.5), **kw)[0]

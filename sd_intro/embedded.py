@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
-from .shapes import (COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
+from dataclasses import asdict
+from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence)
 from .core import atomic_dir, save_pipeline
 
@@ -230,11 +231,14 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     tok, te, vae, unet, sch = (parts[k] for k in ('tokenizer', 'text_encoder', 'vae', 'unet', 'scheduler'))
     from diffusers import DDPMScheduler
     train_sched = DDPMScheduler.from_config(sch.config)
-    cache = work / 'latents.pt'
-    if cache.exists(): means, stds, scenes = torch.load(cache, weights_only=False)
+    cache = work / 'latents.safetensors'   # tensors in safetensors and scenes as JSON: nothing here runs pickled code
+    if cache.exists() and cache.with_suffix('.json').exists():
+        t = load_file(str(cache)); means, stds = t['means'], t['stds']
+        scenes = [Scene(**d) for d in json.loads(cache.with_suffix('.json').read_text())]
     else:
         means, stds, scenes = cache_latents(vae, n_images, seed=seed + 100)
-        _atomic_save(lambda p: torch.save((means, stds, scenes), p), cache)
+        _atomic_save(lambda p: p.write_text(json.dumps([asdict(s) for s in scenes])), cache.with_suffix('.json'))
+        _atomic_save(lambda p: save_file(dict(means=means.contiguous(), stds=stds.contiguous()), str(p)), cache)
     sf = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
@@ -242,7 +246,7 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     ema, start = EMA(unet, 0.9995), 0
     ck = work / 'unet_ckpt.pt'
     if ck.exists():
-        st = torch.load(ck, weights_only=False, map_location=device)
+        st = torch.load(ck, weights_only=True, map_location=device)  # tensors, numbers and dicts only
         unet.load_state_dict(st['unet']); ema.model.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
         start = st['step']; torch.set_rng_state(st['torch_rng'])
         log(f"resumed at step {start}")
@@ -289,11 +293,16 @@ def _generate_all(pipe, prompts, seeds, bs=64, **kw):
 
 # %% ../nbs/11_embedded.ipynb #0230b04d
 def judged_quality(pipe, n_prompts=64, n_seeds=4, steps=30, guidance=7.5, seed=1000) -> dict:
-    "Judged adherence (colour, shape, background) of `n_prompts` x `n_seeds` images of `quality_prompts`."
+    "Judged adherence (colour, shape, background, and shape per base shape) of `n_prompts` x `n_seeds` images of `quality_prompts`."
     prompts = [p for p in quality_prompts(n_prompts) for _ in range(n_seeds)]
     seeds = [seed + i for i in range(len(prompts))]
     imgs = _generate_all(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance)
-    return adherence(imgs, prompts)
+    out = adherence(imgs, prompts)
+    verdicts = judge(imgs)
+    for s in BASE_SHAPES:   # each base shape on its own: a model can draw stars well and circles badly
+        hits = [v['shape'][0] == s for v, p in zip(verdicts, prompts) if parse_caption(p)['shape'] == s]
+        if hits: out[f"shape: {s}"] = sum(hits) / len(hits)
+    return out
 
 def guidance_curve(pipe, scales=(1, 1.5, 3, 7.5, 14), **kw) -> dict:
     "`judged_quality` at each guidance scale."

@@ -4,16 +4,16 @@
 
 # %% ../nbs/05_finetuning.ipynb #e4686c46
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, inspect, io, json, os, random, re, shutil, sys, time, warnings
+import argparse, contextlib, copy, dataclasses, hashlib, inspect, io, json, os, random, re, shutil, socket, sys, time, warnings
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
-from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, save_pipeline, EMBEDDED_MODEL, _real, _whole
+from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL, _real, _whole
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, random_scene, render, caption, to_pil
 
@@ -21,9 +21,9 @@ from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, random_scene, render
 __all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'LORA_TARGETS', 'METHODS', 'RUN_FIELDS',
            'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder', 'CaptionedImages', 'load_captioned',
            'write_shapes_folder', 'prepare_image', 'batch_indices', 'training_batch', 'trainable_unet',
-           'FinetuneConfig', 'checkpoint_dir', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'vae_latents', 'finetune',
-           'creature_prompts', 'concept_scores', 'model_fingerprint', 'main']
+           'FinetuneConfig', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
+           'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'vae_latents', 'run_lock',
+           'finetune', 'creature_prompts', 'concept_scores', 'model_fingerprint', 'main']
 
 # %% ../nbs/05_finetuning.ipynb #a9b4306c
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -58,7 +58,8 @@ def check_imagefolder(folder: str | os.PathLike, # a folder of images with a met
     "The captions of an imagefolder by file name, after checking it; errors name the file (and line) at fault."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"data={str(folder)!r}: no such folder")
-    images = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    hidden = lambda p: any(part.startswith(('.', '__')) for part in p.relative_to(folder).parts)   # macOS ._x.png, __MACOSX/
+    images = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p))
     if not images:
         raise ValueError(f"{folder}: the folder is empty (no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in it); "
                          f"put the training pictures there, with a metadata.jsonl of their captions")
@@ -66,14 +67,28 @@ def check_imagefolder(folder: str | os.PathLike, # a folder of images with a met
     example = json.dumps({'file_name': images[0].relative_to(folder).as_posix(), caption_column: 'what the picture shows'})
     if not meta.is_file(): raise ValueError(f"{folder}: no metadata.jsonl, so no captions. Write one line per image, like {example}")
     rows, fields = {}, set()
-    for n, line in enumerate(meta.read_text(encoding='utf-8').splitlines(), 1):
+    for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
+        try: line = raw.decode('utf-8')
+        except UnicodeDecodeError as e: raise ValueError(
+            f"{meta} line {n}: not UTF-8 text (byte {e.start + 1} of the line); save metadata.jsonl as UTF-8 (editors "
+            f"offer it under 'Save as' or 'Encoding')") from None
         if not line.strip(): continue
         try: rec = json.loads(line)
         except json.JSONDecodeError as e: raise ValueError(f"{meta} line {n}: not valid JSON ({e.msg}); each line is like {example}") from None
         if not isinstance(rec, dict) or 'file_name' not in rec:
             raise ValueError(f"{meta} line {n}: no 'file_name' field; each line is like {example}")
+        name = rec['file_name']
+        if not isinstance(name, str) or not name.strip(): raise ValueError(f"{meta} line {n}: file_name {name!r} is not a file name")
+        if Path(name).is_absolute() or PureWindowsPath(name).is_absolute() or name.startswith(('/', '\\')): raise ValueError(
+            f"{meta} line {n}: file_name {name!r} is an absolute path; write it relative to the folder, like {Path(name).name!r}")
+        key = PurePosixPath(os.path.normpath(name).replace(os.sep, '/')).as_posix()
+        if key == '..' or key.startswith('../'): raise ValueError(
+            f"{meta} line {n}: file_name {name!r} points outside {folder}; the pictures must be inside the folder")
+        if key in rows: raise ValueError(
+            f"{meta} lines {rows[key][0]} and {n} both caption {name!r}: the picture would be trained once per line. Keep one "
+            f"line per picture (copy the picture to give it a second caption)")
         fields |= set(rec)
-        rows[str(rec['file_name'])] = (n, rec)
+        rows[key] = (n, rec)
     if caption_column not in fields:
         raise ValueError(f"caption_column={caption_column!r} is not a field of {meta}: its fields are {sorted(fields)}; "
                          f"pass caption_column=<the caption field>")
@@ -82,7 +97,10 @@ def check_imagefolder(folder: str | os.PathLike, # a folder of images with a met
         if not (folder / name).is_file(): raise FileNotFoundError(f"{folder / name}: listed on line {n} of metadata.jsonl, but there is no such file")
         cap = rec.get(caption_column)
         if cap is None: raise ValueError(f"{name}: no caption (line {n} of metadata.jsonl has no {caption_column!r} field)")
-        if not isinstance(cap, str) or not cap.strip():
+        if not isinstance(cap, str): raise ValueError(
+            f"{name}: the caption on line {n} of metadata.jsonl is a {type(cap).__name__} ({str(cap)[:40]}), not text; write "
+            f"it in quotes, like \"{caption_column}\": \"what the picture shows\"")
+        if not cap.strip():
             raise ValueError(f"{name}: blank caption (line {n} of metadata.jsonl); write what the picture shows, or remove the picture")
         caps[Path(name).as_posix()] = cap
     for p in images:
@@ -331,6 +349,7 @@ class FinetuneConfig:
     keep_checkpoints: int = 2       # how many recent checkpoints to keep
     resume: bool = False            # continue from the latest checkpoint in `out`
     overwrite: bool = False         # start afresh even though `out` holds checkpoints of another run
+    resume_changed: bool = False    # resume even though the data or settings differ from the checkpoint's (each change named)
     stop_at: int | None = None      # stop (with a checkpoint) after this step, to resume later
     validation_prompts: tuple = ()  # prompts rendered before training, at each checkpoint and after
     validation_seeds: tuple = (0,)  # one image per prompt and seed
@@ -341,6 +360,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}")
+        self._lr_auto = self.lr is None     # the method's default, which `make` may change with the method
         if self.lr is None: self.lr = 1e-4 if self.method == 'lora' else 1e-5
         def need(ok, k, what):
             if not ok: raise ValueError(f"{k}={getattr(self, k)!r}: {what}")
@@ -382,7 +402,8 @@ class FinetuneConfig:
     def make(cls, config: FinetuneConfig | dict | None = None, **kwargs) -> FinetuneConfig:
         "A config from another (or a dict) with some fields changed; unknown names are an error that lists the known ones."
         base = asdict(config) if isinstance(config, FinetuneConfig) else dict(config or {})
-        if isinstance(config, FinetuneConfig) and 'method' in kwargs and 'lr' not in kwargs: base['lr'] = None
+        if isinstance(config, FinetuneConfig) and 'method' in kwargs and 'lr' not in kwargs and getattr(config, '_lr_auto', False) \
+                and config.lr == (1e-4 if config.method == 'lora' else 1e-5): base['lr'] = None   # the old method's default, not a choice
         known = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(base) - known | set(kwargs) - known)
         if bad: raise TypeError(f"unknown fine-tuning settings {bad}; the settings are {sorted(known)}")
@@ -398,10 +419,14 @@ def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
     "Where the checkpoint of `step` lives in run folder `out`."
     return Path(out) / 'checkpoints' / f"step-{step:06d}"
 
+def checkpoints(out: str | os.PathLike) -> list[Path]:
+    "The checkpoints in run folder `out` that were written to the end (they have a state.json), newest first."
+    found = [p for p in (Path(out) / 'checkpoints').glob('step-*') if re.fullmatch(r'step-\d+', p.name) and (p / 'state.json').is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     "The newest complete checkpoint in run folder `out` (one with a state.json), or None."
-    found = [p for p in (Path(out) / 'checkpoints').glob('step-*') if re.fullmatch(r'step-\d+', p.name) and (p / 'state.json').is_file()]
-    return max(found, key=lambda p: int(p.name[5:]), default=None)
+    return next(iter(checkpoints(out)), None)
 
 def _fsync(path: Path):
     "Flush a file (or folder entry) to disk, so that a rename after it cannot overtake it."
@@ -439,11 +464,31 @@ def save_checkpoint(out: str | os.PathLike, # the run folder
     return final
 
 def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict, dict | None, dict]:
-    "The state, trained weights, EMA weights (or None) and optimizer state of a checkpoint folder."
-    folder = Path(folder)
-    state = json.loads((folder / 'state.json').read_text())
-    ema = load_file(str(folder / 'ema.safetensors')) if (folder / 'ema.safetensors').exists() else None
-    return state, load_file(str(folder / 'trainable.safetensors')), ema, torch.load(folder / 'optimizer.pt', weights_only=True)
+    "The state, trained weights, EMA weights (or None) and optimizer state of a checkpoint folder; a damaged file is named."
+    folder, what = Path(folder), 'state.json'
+    try:
+        state = json.loads((folder / 'state.json').read_text())
+        if not isinstance(state, dict) or 'step' not in state: raise ValueError('no step in it')
+        what = 'ema.safetensors'
+        ema = load_file(str(folder / 'ema.safetensors')) if (folder / 'ema.safetensors').exists() else None
+        what = 'trainable.safetensors'
+        weights = load_file(str(folder / 'trainable.safetensors'))
+        what = 'optimizer.pt'
+        return state, weights, ema, torch.load(folder / 'optimizer.pt', weights_only=True)
+    except Exception as e:   # safetensors, JSON and torch each have their own errors for a cut-off file
+        raise ValueError(f"checkpoint {folder}: {what} is damaged or cut short ({type(e).__name__}); it cannot be "
+                         f"resumed from") from e
+
+def _load_resumable(out: Path):
+    "(folder, contents) of the newest checkpoint that loads, warning about each newer damaged one; None if there are none."
+    found, bad = checkpoints(out), []
+    for ck in found:
+        try: contents = load_checkpoint(ck)
+        except ValueError as e: bad.append(str(e)); continue
+        if bad: warnings.warn(f"{'; '.join(bad)}. Resuming from the previous complete one, {ck.name}, instead")
+        return ck, contents
+    if bad: raise ValueError(f"{'; '.join(bad)}. No checkpoint in {out} can be resumed: pass overwrite=True to start afresh")
+    return None
 
 # %% ../nbs/05_finetuning.ipynb #95429404
 def render_validation(pipe,                      # the pipeline being trained
@@ -549,12 +594,21 @@ def _load_history(out, upto):
             hist[s] = [strip.crop((x, 0, x + h, h)) for x in range(0, strip.width, h)]
     return hist
 
-def _same_run(saved: dict, cfg: FinetuneConfig, world: int, model: str):
-    "Refuse to resume a checkpoint made with other settings: its losses would not continue the run's."
-    now = dict(asdict(cfg), world=world, model=model)
-    diff = {k: (saved.get(k), now[k]) for k in RUN_FIELDS + ('world', 'model') if saved.get(k) != now[k]}
-    if diff: raise ValueError(f"cannot resume: the checkpoint was made with other settings {{name: (then, now)}}: {diff}; "
-                              f"use the same settings, or overwrite=True to start afresh")
+def _data_id(data: CaptionedImages) -> dict:
+    "What a run trained on, as its checkpoints record it: where from, how many pictures, and a hash of their captions."
+    return dict(source=str(data.name), pictures=len(data),
+                captions=hashlib.sha256('\n'.join(map(str, data.captions)).encode()).hexdigest()[:16])
+
+def _same_run(saved: dict, cfg: FinetuneConfig, world: int, model: str, data: dict | None = None, precision=None):
+    "Refuse to resume a checkpoint made with other data or settings (its losses would not continue the run's), naming each change; with `resume_changed=True`, warn instead."
+    now = dict(asdict(cfg), world=world, model=model, data=data, precision=precision)
+    keys = RUN_FIELDS + ('world', 'model') + tuple(k for k in ('data', 'precision', 'image_column', 'caption_column') if k in saved)
+    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    if not diff: return
+    msg = f"the checkpoint was made with other data or settings {{name: (then, now)}}: {diff}"
+    if cfg.resume_changed: warnings.warn(f"resume_changed=True: resuming although {msg}")
+    else: raise ValueError(f"cannot resume: {msg}; use the same data and settings, pass resume_changed=True to continue "
+                           f"anyway, or overwrite=True to start afresh")
 
 # %% ../nbs/05_finetuning.ipynb #8c6955f1
 def save_finetuned(pipe,                 # the fine-tuned pipeline
@@ -580,6 +634,78 @@ def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None) -> 
     "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
     return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
 
+# %% ../nbs/05_finetuning.ipynb #ad55888c
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True   # someone else's process, or a system that cannot tell: assume alive
+    return True
+
+@contextlib.contextmanager
+def run_lock(out: str | os.PathLike, # the run folder (created if needed)
+             hold: bool = True       # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
+            ):
+    "Hold run folder `out` while a run writes in it: a second run is refused; a lock left by a crashed run (its process gone) is taken over."
+    out = Path(out)
+    if not hold: yield; return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock, me = out / '.sd_intro.lock', dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))
+    tmp = out / f".sd_intro.lock.{os.getpid()}.{time.monotonic_ns()}"
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try: os.link(tmp, lock); break   # appears whole, or not at all: never half-written
+            except FileExistsError: pass
+            try: other = json.loads(lock.read_text())
+            except FileNotFoundError: continue
+            except (OSError, ValueError): other = {}
+            pid, host = other.get('pid'), other.get('host')
+            if host == me['host'] and _whole(pid) and pid != me['pid'] and not _pid_alive(pid):
+                stale = lock.with_name(f".sd_intro.lock.stale.{os.getpid()}")
+                try: os.replace(lock, stale)   # one process wins the take-over
+                except FileNotFoundError: continue
+                stale.unlink(missing_ok=True)
+                warnings.warn(f"{out}: taking over the lock of a run that ended without releasing it (process {pid}, "
+                              f"started {other.get('since')}); its checkpoints are kept")
+                continue
+            who = f"process {pid} on {host}, started {other.get('since')}" if pid else "an unknown process"
+            raise RuntimeError(f"{out} is in use by another fine-tuning run ({who}): wait for it to finish, or choose "
+                               f"another out folder. If no run is going (e.g. it was on another machine that crashed), "
+                               f"delete {lock}")
+        else: raise RuntimeError(f"{out}: could not take the run lock {lock}; try again")
+    finally: tmp.unlink(missing_ok=True)
+    try: yield
+    finally:
+        try:
+            if json.loads(lock.read_text()).get('pid') == me['pid']: lock.unlink()
+        except (OSError, ValueError): pass
+        if made:
+            with contextlib.suppress(OSError): out.rmdir()   # a run refused before writing anything leaves no folder
+
+# %% ../nbs/05_finetuning.ipynb #dc8ce069
+def _check_apart(data, out: Path):
+    "Refuse a data folder that is the run folder or lies inside it (or holds it): the run would write among the pictures."
+    src = data.name if isinstance(data, CaptionedImages) else data if isinstance(data, (str, os.PathLike)) else None
+    d = Path(str(src)).expanduser() if src is not None else None
+    if d is None or not d.is_dir(): return
+    d, o = d.resolve(), out.resolve()
+    if d == o or o in d.parents or d in o.parents: raise ValueError(
+        f"data={str(src)!r} and out={str(out)!r} {'are the same folder' if d == o else 'lie one inside the other'}: the run "
+        f"would write validation/, checkpoints/ and its result among the pictures. Put the run folder beside the data, "
+        f"e.g. out={str(d.parent / (d.name + '-run'))!r}")
+
+def _clear_runs(out: Path):
+    "Remove what earlier runs wrote in `out` (checkpoints, validation images and grid) and nothing else."
+    ck, val = out / 'checkpoints', out / 'validation'
+    for p in list(ck.glob('step-*')) + list(ck.glob('.tmp-step-*')):
+        if re.fullmatch(r'(\.tmp-)?step-\d+(-\d+)?', p.name) and p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+    for p in val.glob('step-*.png'):
+        if re.fullmatch(r'step-\d+\.png', p.name): p.unlink(missing_ok=True)
+    (out / 'validation.png').unlink(missing_ok=True)
+    for d in (ck, val):
+        with contextlib.suppress(OSError): d.rmdir()   # kept if the user put something of their own there
+
 # %% ../nbs/05_finetuning.ipynb #14249281
 def finetune(data,                      # pictures: a folder, a Dataset, a Hub id or `CaptionedImages`
              out: str | os.PathLike,    # run folder: checkpoints/, validation/, and the result (pipeline/ or lora/)
@@ -588,29 +714,36 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
              accelerator=None,          # an `accelerate.Accelerator` (default: a new one from the settings)
              **kwargs                   # fields of `FinetuneConfig`
             ) -> FinetuneResult:
-    "Fine-tune `model`'s UNet (fully or with LoRA) on captioned pictures; resumable, with validation images."
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
+    "Fine-tune `model`'s UNet (fully or with LoRA) on captioned pictures; resumable, with validation images; one run at a time per `out` folder."
     cfg = FinetuneConfig.make(config, **kwargs)
     if cfg.mixed_precision == 'fp16' and accelerator is None and not torch.cuda.is_available():
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU (on a CPU, half-precision layers fail to run): use "
                          "mixed_precision='no' here, or 'bf16'")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
+    _check_apart(data, out)
+    acc = accelerator or _accelerator(cfg.mixed_precision)
+    with run_lock(out, hold=acc.is_main_process):   # one run at a time in a folder
+        return _finetune(data, out, model, cfg, acc)
+
+def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResult:
+    "`finetune`, once the run folder is held."
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
     results = [r for r in ('pipeline', 'lora') if (out / r).is_dir()]
     if results and not cfg.overwrite:
         raise FileExistsError(f"{out} already holds the result of a finished run ({', '.join(results)}/): pass "
                               f"overwrite=True to train again and replace it, or choose another folder")
-    acc = accelerator or _accelerator(cfg.mixed_precision)
-    out, rank, world, device = Path(out), acc.process_index, acc.num_processes, acc.device
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
     weight_dtype = {'fp16': torch.float16, 'bf16': torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     if isinstance(model, os.PathLike): model = str(model)
     model_name = model if isinstance(model, str) or model is None else (getattr(model, 'sd_intro_model', '') or model.config.get('_name_or_path', ''))
     model_name = resolve_model(model_name or None)
 
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    found = _load_resumable(out) if cfg.resume else None
+    ckpt, loaded = found or (None, None)
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass resume=True to continue it, overwrite=True "
                               f"to start afresh (its checkpoints are replaced as the new run goes), or another folder")
@@ -619,6 +752,7 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
                       f"if you meant to continue one)")
     with acc.main_process_first():
         data = load_captioned(data, cfg.image_column, cfg.caption_column, check_images=cfg.check_images)
+    data_id = _data_id(data)
     pipe, named = _training_pipeline(model, cfg.method, cfg, device, weight_dtype)
     unet, params = pipe.unet, [p for _, p in named]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -630,16 +764,15 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
     lr_sched = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema else None
     start, losses, history = 0, [], {}
-    run_state = dict(asdict(cfg), world=world, model=model_name)
+    run_state = dict(asdict(cfg), world=world, model=model_name, data=data_id, precision=acc.mixed_precision)
 
-    if cfg.overwrite and not cfg.resume and acc.is_main_process:
-        for sub in ('checkpoints', 'validation'): shutil.rmtree(out / sub, ignore_errors=True)
+    if cfg.overwrite and not cfg.resume and acc.is_main_process: _clear_runs(out)
     acc.wait_for_everyone()
     if acc.is_main_process and (out / 'checkpoints').exists():
         for t in (out / 'checkpoints').glob('.tmp-*'): shutil.rmtree(t, ignore_errors=True)  # left by a crash
     if ckpt is not None:
-        state, weights, ema_w, opt_state = load_checkpoint(ckpt)
-        _same_run(state['config'], cfg, world, model_name)
+        state, weights, ema_w, opt_state = loaded
+        _same_run(state['config'], cfg, world, model_name, data_id, acc.mixed_precision)
         missing = sorted(set(n for n, _ in named) ^ set(weights))
         if missing: raise ValueError(f"{ckpt}: its weights do not match this model ({missing[:3]} ...)")
         with torch.no_grad():
@@ -681,7 +814,8 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
         acc.wait_for_everyone()
 
     out.mkdir(parents=True, exist_ok=True)
-    if acc.is_main_process: (out / 'config.json').write_text(json.dumps(run_state, indent=1))
+    if acc.is_main_process:
+        with atomic_file(out / 'config.json') as tmp: tmp.write_text(json.dumps(run_state, indent=1))
     if start == 0: validate(0)
     stop = cfg.stop_at or cfg.steps
     accum = cfg.gradient_accumulation

@@ -48,24 +48,6 @@ def predicted_x0(pipe,                   # the pipeline whose scheduler made `mo
     else: abar = sched.alphas_cumprod[int(t)]
     return x0_from_prediction(model_output, model_input, abar, sched.config.get('prediction_type', 'epsilon'))
 
-# %% ../nbs/02_guidance.ipynb #3d47b02b
-def _step_kwargs(sched, generator=None, eta: float = 0.0) -> dict:
-    "The optional arguments `sched.step` accepts, as the pipelines pass them."
-    ps = inspect.signature(sched.step).parameters
-    kw = {}
-    if 'eta' in ps: kw['eta'] = eta
-    if 'generator' in ps: kw['generator'] = generator
-    return kw
-
-def _scales(guidance_scale, guidance_scales, n, like):
-    "Per-sample guidance scales as a (n,1,1,1) tensor, or None for one scale."
-    if guidance_scales is None: return None
-    g = torch.as_tensor(guidance_scales, dtype=like.dtype, device=like.device).reshape(-1)
-    if g.numel() == 1: g = g.expand(n)
-    if g.numel() != n: raise ValueError(f"guidance_scales: {g.numel()} scales for {n} latents; pass one per sample")
-    if (g < 0).any(): raise ValueError(f"guidance_scales: {g.tolist()} has a negative scale; use 0 or more")
-    return g.view(-1, *[1] * (like.ndim - 1))
-
 # %% ../nbs/02_guidance.ipynb #193bf63e
 @torch.no_grad()
 def denoise(pipe,                        # a loaded pipeline: its `unet` and `scheduler` are used
@@ -109,6 +91,24 @@ def denoise(pipe,                        # a loaded pipeline: its `unet` and `sc
                               x0=x0(guided), x0_cond=x0(pred_cond), x0_uncond=x0(pred_uncond)))
         latents = sched.step(guided, t, latents, **kw, return_dict=False)[0]
     return latents, trace
+
+# %% ../nbs/02_guidance.ipynb #3d47b02b
+def _step_kwargs(sched, generator=None, eta: float = 0.0) -> dict:
+    "The optional arguments `sched.step` accepts, as the pipelines pass them."
+    ps = inspect.signature(sched.step).parameters
+    kw = {}
+    if 'eta' in ps: kw['eta'] = eta
+    if 'generator' in ps: kw['generator'] = generator
+    return kw
+
+def _scales(guidance_scale, guidance_scales, n, like):
+    "Per-sample guidance scales as a (n,1,1,1) tensor, or None for one scale."
+    if guidance_scales is None: return None
+    g = torch.as_tensor(guidance_scales, dtype=like.dtype, device=like.device).reshape(-1)
+    if g.numel() == 1: g = g.expand(n)
+    if g.numel() != n: raise ValueError(f"guidance_scales: {g.numel()} scales for {n} latents; pass one per sample")
+    if (g < 0).any(): raise ValueError(f"guidance_scales: {g.tolist()} has a negative scale; use 0 or more")
+    return g.view(-1, *[1] * (like.ndim - 1))
 
 # %% ../nbs/02_guidance.ipynb #7910c0b2
 def _decode_tensor(pipe, latents):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_img2img.ipynb #b0d0fb2c
 from __future__ import annotations
-import base64, hashlib, io, json, os, warnings
+import base64, binascii, hashlib, io, json, os, warnings
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 import sd_intro
 from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name, prompts_for, _whole,
-                           check_guidance, replaying, Generation, SAMPLER_NAMES)
+                           check_guidance, replaying, Generation, SAMPLER_NAMES, atomic_file)
 from .shapes import COLOURS
 
 # %% auto #0
@@ -64,16 +64,16 @@ def _open(path: Path, shown: str, from_url: bool = False) -> Image.Image:
                              f"{'Download it again' if from_url else 'Copy or download it again'}, or re-save it "
                              f"as PNG or JPEG.") from None
         looks = ("an HTML/XML page, not the picture itself: link to the image file (right-click the picture, "
-                 "'Copy image address')" if head.lstrip()[:1] == b'<' else f"not an image (it starts with {head[:8]!r})")
+                 "'Copy image address')" if head.lstrip()[:1] == b'<' else "not an image (it does not start like a PNG, JPEG, GIF, BMP, TIFF or WebP file)")
         raise ValueError(f"load_image: {where} is {looks}. Pass a PNG, JPEG, GIF, BMP, TIFF or WebP file.") from None
 
 # %% ../nbs/03_img2img.ipynb #a7597326
 def _to_rgb(img: Image.Image) -> Image.Image:
-    "RGB, upright; transparent parts become white paper (not black); 16-bit greyscale scaled down to 8 bits."
+    "RGB, upright; transparent parts become white paper (not black); 16-bit greyscale scaled down to 8 bits (by its depth, not its brightest pixel)."
     img = ImageOps.exif_transpose(img)
     if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
         a = np.asarray(img, np.float64)
-        top = 1. if a.max() <= 1 else 255. if a.max() <= 255 else 65535.
+        top = 65535. if img.mode.startswith('I;16') else 1. if a.max() <= 1 else 255. if a.max() <= 255 else 65535.  # 16-bit: by its depth, however dark
         img = Image.fromarray((a / top * 255).clip(0, 255).round().astype(np.uint8), 'L')
     if img.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or (img.mode in ('P', 'L', 'RGB') and 'transparency' in img.info):
         img = img.convert('RGBA')
@@ -133,6 +133,9 @@ def load_image(url_or_path_or_image: str | os.PathLike | Image.Image | np.ndarra
         img, shown = _open(p, repr(str(src))), repr(str(src))
     else: raise TypeError(f"load_image: {_ARG} is a {type(src).__name__}; pass an http(s) URL, a file path, "
                           f"a PIL image or a uint8 array")
+    if not isinstance(src, Image.Image) and getattr(img, 'n_frames', 1) > 1: warnings.warn(
+        f"load_image: {shown} is animated ({img.n_frames} frames); using its first frame. For another, open it and "
+        f"choose: im = Image.open(path); im.seek(i); load_image(im.convert('RGB'))", stacklevel=2)
     img = _to_rgb(img)
     w, h, why = _target_size(size, img)
     if (w, h) != img.size:
@@ -417,10 +420,7 @@ class Chain:
         if path.suffix.lower() != '.json': raise ValueError(f"path={str(path)!r}: a chain record is JSON; use a .json name")
         if not path.parent.is_dir(): raise FileNotFoundError(
             f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
-        tmp = path.with_name(f".{path.name}.tmp")
-        try: tmp.write_text(json.dumps(self.record, indent=1)); os.replace(tmp, path)
-        finally:
-            if tmp.exists(): tmp.unlink()
+        with atomic_file(path) as tmp: tmp.write_text(json.dumps(self.record, indent=1))
         return path
     def _repr_png_(self): return self.grid()._repr_png_()
 
@@ -443,7 +443,7 @@ def _run_hops(i2i, img: Image.Image, hops: list) -> list:
 def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are reused)
               start,             # the first starting picture: URL, path, PIL image or array (see `load_image`)
               hops: Sequence,    # `Hop`s (or dicts of their fields), run in order
-              embed_start: bool | None = None, # keep the start picture inside the record (default: when it has no path/URL)
+              embed_start: bool = True, # keep the start picture inside the record (without it, replaying needs start=)
               size='model',      # fit `start` to the model's size; or as `load_image` (None: keep its proportions)
               cache_dir=None     # download cache for a URL `start`
              ) -> Chain:
@@ -457,7 +457,6 @@ def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are 
     with warnings.catch_warnings():
         if fit: warnings.simplefilter('ignore', ResizeNote)   # fitting to the model is what size='model' asks for
         img = load_image(start, size=i2i if fit else size, cache_dir=cache_dir)
-    if embed_start is None: embed_start = source is None
     d = pipe_defaults(i2i)
     record = dict(kind='sd_intro.chain', version=1, model=d['model'], sampler=_sampler(i2i), width=img.width,
                   height=img.height, start=dict(source=source, sha256=_pixels_sha(img),
@@ -466,34 +465,68 @@ def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are 
     return Chain(img, _run_hops(i2i, img, hops), record)
 
 # %% ../nbs/03_img2img.ipynb #2dc3efe7
-def replay_chain(record: dict | str | os.PathLike, # a `Chain.record`, or the JSON file `Chain.save` wrote
-                 pipe,                              # the pipeline to run (its scheduler is swapped if needed)
-                 start=None,                        # the start picture, if the record neither embeds nor locates it
-                 cache_dir=None
-                ) -> Chain:
-    "Make every picture of a recorded chain again."
+def _chain_record(record) -> dict:
+    "A chain record read and checked as data: clear errors for what is missing or malformed."
+    if isinstance(record, Chain): record = record.record
     if isinstance(record, (str, os.PathLike)):
-        try: record = json.loads(Path(record).read_text())
+        p = Path(record).expanduser()
+        if p.is_dir(): raise IsADirectoryError(f"replay_chain: {str(record)!r} is a folder; pass the JSON file `Chain.save` wrote")
+        try: record = json.loads(p.read_bytes().decode('utf-8-sig'))   # a byte-order mark (some editors add one) is fine
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"replay_chain: {str(record)!r} is not a chain record (JSON written by `Chain.save`): "
                              f"{type(e).__name__}") from None
-    if isinstance(record, Chain): record = record.record
     if not isinstance(record, dict): raise TypeError(f"replay_chain: record is a {type(record).__name__}; pass a "
                                                      f"`Chain.record` dict or the path of a file `Chain.save` wrote")
     if record.get('kind') != 'sd_intro.chain': raise ValueError("replay_chain: record is not a chain record (kind != 'sd_intro.chain')")
     missing = [k for k in ('width', 'height', 'start', 'hops') if k not in record]
     if missing: raise ValueError(f"replay_chain: the record lacks {missing}; it was not written by `run_chain`")
+    if not all(_whole(record[k]) and 8 <= record[k] <= 4096 for k in ('width', 'height')): raise ValueError(
+        f"replay_chain: the record's size {record['width']!r} x {record['height']!r} is not a size in pixels")
+    st = record['start']
+    if not isinstance(st, dict): raise ValueError(f"replay_chain: the record's start is a {type(st).__name__}, not "
+                                                  f"{{'sha256': ..., 'png_base64': ..., 'source': ...}}; the record is damaged")
+    sha = st.get('sha256')
+    if not (isinstance(sha, str) and len(sha) == 64): raise ValueError(
+        "replay_chain: the record's start has no sha256 of its picture, so nothing can tell that the picture is the "
+        "recorded one; the record is damaged or was not written by `run_chain`")
+    for k in ('png_base64', 'source'):
+        if st.get(k) is not None and not isinstance(st[k], str): raise ValueError(f"replay_chain: the record's start.{k} is not text")
+    if not isinstance(record['hops'], list) or not record['hops']: raise ValueError(
+        "replay_chain: the record has no hops (an empty or missing list); there is nothing to replay")
+    return record
+
+def _embedded_start(st: dict) -> Image.Image:
+    "The start picture embedded in a record, or a clear error if it is not a PNG in base64."
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(st['png_base64'], validate=True)))
+        img.load()
+        return img
+    except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError):
+        raise ValueError("replay_chain: the record's start.png_base64 is not a picture in base64 (damaged or edited); "
+                         "pass the start picture as start=") from None
+
+def replay_chain(record: dict | str | os.PathLike, # a `Chain.record`, or the JSON file `Chain.save` wrote
+                 pipe,                              # the pipeline to run (its scheduler is swapped if needed)
+                 start=None,                        # the start picture, if the record does not embed it (or to try another)
+                 cache_dir=None
+                ) -> Chain:
+    "Make every picture of a recorded chain again, from the record's own start picture (or `start`): a record is data, never a path to open."
+    record = _chain_record(record)
+    hops = [_as_hop(h) for h in record['hops']]
     i2i = img2img_pipeline(pipe)
     size, st = (record['width'], record['height']), record['start']
     if start is not None: img = load_image(start, size=size, cache_dir=cache_dir)
-    elif st.get('png_base64'): img = load_image(Image.open(io.BytesIO(base64.b64decode(st['png_base64']))), size=size)
-    elif st.get('source'):
-        with warnings.catch_warnings():  # fitting it to the recorded size again is expected, not news
-            warnings.simplefilter('ignore', ResizeNote)
-            img = load_image(st['source'], size=size, cache_dir=cache_dir)
-    else: raise ValueError("replay_chain: the record neither embeds nor locates its start picture; pass start=")
-    if _pixels_sha(img) != st['sha256']:
+    elif st.get('png_base64'):
+        img = load_image(_embedded_start(st), size=size)
+        if _pixels_sha(img) != st['sha256']: raise ValueError(
+            "replay_chain: the record's embedded start picture does not match its sha256: the record was edited or "
+            "damaged; pass the start picture as start=")
+    elif st.get('source'): raise ValueError(
+        f"replay_chain: the record does not hold its start picture, it only names where it was ({st['source']!r}). A record "
+        f"is data: replay_chain opens nothing it names. If you trust it, pass start=record['start']['source']")
+    else: raise ValueError("replay_chain: the record does not hold its start picture; pass start=")
+    if start is not None and _pixels_sha(img) != st['sha256']:
         warnings.warn("replay_chain: the start picture differs from the recorded one, so the pictures will differ too")
     with replaying(i2i, record, "replay_chain: the chain's pictures"):
-        gens = _run_hops(i2i, img, [_as_hop(h) for h in record['hops']])
+        gens = _run_hops(i2i, img, hops)
     return Chain(img, gens, record)

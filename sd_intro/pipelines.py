@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import generate, image_grid, scheduler_for, SAMPLER_NAMES, Generation, _whole, check_steps
+from .core import generate, image_grid, scheduler_for, make_scheduler, SAMPLER_NAMES, Generation, _whole, check_steps
 
 # %% auto #0
 __all__ = ['decode_latents', 'x0_from_prediction', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress',
@@ -230,7 +230,7 @@ def markdown_table(rows: dict, # label -> {column: value}, as made by `sweep_tab
 
 # %% ../nbs/01_pipelines.ipynb #d6efaf49
 def _make_scheduler(sampler, config):
-    if isinstance(sampler, str): return scheduler_for(sampler).from_config(config)
+    if isinstance(sampler, str): return make_scheduler(sampler, config)   # 'DPM++ 2M SDE Karras': the class and its config
     if isinstance(sampler, type): return sampler.from_config(config)
     if hasattr(sampler, 'set_timesteps') and hasattr(sampler, 'step'): return sampler
     raise TypeError(f"sampler={sampler!r}: pass a name from SAMPLER_NAMES, a scheduler class, or a scheduler")

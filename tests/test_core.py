@@ -17,16 +17,17 @@ def tiles(n, size=(8, 8)): return [Image.new('RGB', size, (i * 20 % 255, 0, 0)) 
 
 # --- image_grid ---------------------------------------------------------------------------------
 def test_grid_infers_missing_dimension_and_leaves_last_row_empty():
-    g = image_grid(tiles(5), cols=3)
+    g = image_grid(tiles(5), cols=3, min_tile=0)
     assert g.size == (24, 16)
     assert g.getpixel((20, 12)) == (255, 255, 255)   # the 6th tile is empty
-    assert image_grid(tiles(6), rows=2).size == (24, 16)
-    assert image_grid(tiles(4)).size == (16, 16)     # as square as possible
+    assert image_grid(tiles(6), rows=2, min_tile=0).size == (24, 16)
+    assert image_grid(tiles(4), min_tile=0).size == (16, 16)     # as square as possible
+    assert image_grid(tiles(4)).size == (256, 256)   # shown at 128 px a tile by default
 
 
 def test_grid_labels_add_a_strip_under_each_tile():
-    g = image_grid(tiles(2, (32, 32)), labels=['1.1', '14'])
-    assert g.size == (64, 46)
+    g = image_grid(tiles(2, (32, 32)), labels=['1.1', '14'], min_tile=0)
+    assert g.size[0] == 64 and g.size[1] > 32 + 14
     strip = np.asarray(g)[33:, :32]
     assert (strip < 128).any(), "the label text was not drawn"
 
@@ -77,12 +78,12 @@ def test_img2img_reuses_loaded_components(pipe):
     i2i = load_pipeline(pipe, kind='img2img')
     assert isinstance(i2i, StableDiffusionImg2ImgPipeline)
     assert i2i.unet is pipe.unet and i2i.vae is pipe.vae and i2i.text_encoder is pipe.text_encoder
-    i2i_again = load_pipeline(kind='img2img')       # by name: served from the loaded txt2img, no second load
-    assert i2i_again.unet is load_pipeline().unet
+    i2i_again = load_pipeline(kind='img2img')       # by name: a pipeline of its own (read from disk once, copied)
+    assert isinstance(i2i_again, StableDiffusionImg2ImgPipeline) and i2i_again.unet is not pipe.unet
 
 
 def test_bad_kind(pipe):
-    with pytest.raises(ValueError, match="kind='inpaint'"): load_pipeline(kind='inpaint')
+    with pytest.raises(ValueError, match="kind='depth2img'"): load_pipeline(kind='depth2img')
 
 
 def test_missing_local_folder_says_what_to_pass(tmp_path):
@@ -172,7 +173,8 @@ def test_reads_automatic1111_parameters():
             'Size: 512x768, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0')
     s = parse_parameters(text)
     assert s == dict(prompt='a wolf', negative_prompt='blurry, low quality', steps=20, sampler='Euler a',
-                     guidance_scale=7.0, seed=42, width=512, height=768, model='v1-5-pruned-emaonly')
+                     guidance_scale=7.0, seed=42, width=512, height=768, model='v1-5-pruned-emaonly',
+                     extra={'Model hash': '6ce0161689', 'Version': 'v1.6.0'})
     assert scheduler_for(s['sampler']).__name__ == 'EulerAncestralDiscreteScheduler'
 
 
@@ -368,4 +370,4 @@ def test_a_callback_that_forgets_to_return_is_named(pipe):
     assert seen == [0, 1]
     with pytest.warns(UserWarning, match='latents= decides the starting noise'):
         generate(pipe, 'a red star', num_inference_steps=2, latents=torch.randn(1, 4, 8, 8))
-    assert image_grid(generate(pipe, 'a red star', num_inference_steps=2)[0]).size == (64, 64)   # one image is a grid of one
+    assert image_grid(generate(pipe, 'a red star', num_inference_steps=2)[0]).size == (128, 128)   # one image is a grid of one

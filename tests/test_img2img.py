@@ -106,7 +106,7 @@ def test_corrupt_file(tmp_path):
 
 def test_non_image_file(tmp_path):
     (tmp_path / 'notes.png').write_text('these are my notes')
-    with pytest.raises(ValueError, match=r"url_or_path_or_image='.*notes\.png' is not an image \(it starts with b'these ar'\).*PNG, JPEG"):
+    with pytest.raises(ValueError, match=r"url_or_path_or_image='.*notes\.png' is not an image \(it does not start like a PNG.*PNG, JPEG"):
         load_image(tmp_path / 'notes.png')
 
 
@@ -229,7 +229,7 @@ def test_strength_sweep_small(pipe):
                         n=2, num_inference_steps=STEPS, judged=False)
     assert isinstance(sw, StrengthSweep) and [r['steps_run'] for r in sw.rows] == [1, 5]
     assert all(r['adherence'] is None for r in sw.rows) and 'no judge' in sw.table()
-    assert sw.grid().size == (3 * 64, 2 * (64 + 14))
+    assert sw.grid().size[0] == 3 * 128 and sw.grid().size[1] > 2 * 128
     with pytest.raises(ValueError, match="runs no denoising step"):
         strength_sweep(pipe, draw_sketch(size=64), 'x', strengths=(0.1,), num_inference_steps=5)
 
@@ -272,7 +272,7 @@ def test_chain_runs_records_and_replays(pipe, tmp_path):
     ch = run_chain(pipe, sketch_path(), HOPS)
     assert isinstance(ch, Chain) and [len(g.images) for g in ch.generations] == [3, 2]
     rec = json.loads(json.dumps(ch.record))                 # JSON-ready
-    assert rec['start']['source'] == str(sketch_path()) and rec['start']['png_base64'] is None
+    assert rec['start']['source'] == str(sketch_path()) and rec['start']['png_base64']   # kept whole: a record is data
     assert [h['steps_run'] for h in rec['hops']] == [4, 3] and rec['hops'][0]['keep'] == 2
     # hop 2 starts from hop 1's third image
     direct = generate(img2img_pipeline(pipe), 'a striped red star on a white background', seed=5, n=2,
@@ -282,7 +282,7 @@ def test_chain_runs_records_and_replays(pipe, tmp_path):
     assert all(same(a.images, b.images) for a, b in zip(ch.generations, again.generations))
     again2 = replay_chain(ch.save(tmp_path / 'chain.json'), pipe)
     assert same(again2.carried, ch.carried) and ch.final is ch.carried[-1]
-    assert ch.grid().size == (4 * 64, 2 * (64 + 14))
+    assert ch.grid().size[0] == 4 * 128 and ch.grid().size[1] > 2 * 128
 
 
 def test_chain_from_an_image_embeds_it(pipe):

@@ -1,0 +1,75 @@
+"""Textual inversion of the held-out creature on the embedded model (lesson 6), a longer run than the lesson's.
+
+Writes lesson 5's creature imagefolder (creatures only), learns the token '<creature>' (its embedding row only) with
+`sd_intro.inside.textual_inversion`, saves it as learned_embeds.safetensors, loads it into a fresh pipeline with
+diffusers' `load_textual_inversion`, and measures with the judge:
+  before     share of "a <colour> <creature> on a <colour> background" pictures read as a creature, untrained token
+  after      the same with the learned token; colour / background: their adherence with the learned token
+  word       the same prompts with the plain word "creature" on the base model (lesson 5's 'before')
+and checks that the base model's own prompts give the same pixels with the token loaded (nothing forgotten).
+Prints the figures and writes them to bench/results/inversion.json, which nbs/06_inside.ipynb shows.
+
+    python bench/bench_inversion.py [--steps 300] [--lr 1e-2] [--eval-n 64] [--threads 2]
+"""
+import argparse, json, os, platform, sys, tempfile, time
+from pathlib import Path
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.pop('SD_INTRO_MODEL', None)
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / 'bench' / 'results' / 'inversion.json'
+
+
+def main():
+    from diffusers import StableDiffusionPipeline
+    from sd_intro.core import EMBEDDED_MODEL, generate, quiet_loading
+    from sd_intro.shapes import HELD_OUT, JUDGE_PATH, adherence
+    from sd_intro.finetune import write_shapes_folder, creature_prompts, model_fingerprint
+    from sd_intro.embedded import EVAL_PROMPTS
+    from sd_intro.inside import load_parts, add_token, textual_inversion, save_learned_embeds, sample_parts
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--steps', type=int, default=300)
+    ap.add_argument('--lr', type=float, default=1e-2)
+    ap.add_argument('--batch-size', type=int, default=32)
+    ap.add_argument('--n', type=int, default=128, help='creature pictures to train on')
+    ap.add_argument('--eval-n', type=int, default=64, help='judged pictures per measure')
+    ap.add_argument('--eval-steps', type=int, default=20)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--json', default=str(RESULTS))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if not JUDGE_PATH.exists(): sys.exit(f"No judge weights at {JUDGE_PATH}: train the embedded model and its judge first.")
+    tmp = Path(tempfile.mkdtemp())
+    folder = write_shapes_folder(tmp / 'creatures', n_new=a.n, n_old=0, seed=0)
+    parts = load_parts()
+    t0, c0 = time.time(), time.process_time()
+    inv = textual_inversion(parts, folder, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+    wall, cpu = time.time() - t0, time.process_time() - c0
+    path = save_learned_embeds(inv, tmp / 'learned_embeds.safetensors')
+    with quiet_loading():
+        base = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False)
+        fresh = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False)
+    for p in (base, fresh): p.set_progress_bar_config(disable=True)
+    fresh.load_textual_inversion(str(path))
+    untrained = load_parts(); add_token(untrained, inv.token, 'animal')
+    words = creature_prompts(a.eval_n)
+    tokens = [p.replace(HELD_OUT, inv.token) for p in words]
+    kw = dict(seed=1000, num_inference_steps=a.eval_steps)
+    word = adherence(generate(base, words, **kw).images, words)
+    before = adherence(sample_parts(untrained, tokens, **kw), words)
+    after = adherence(generate(fresh, tokens, **kw).images, words)
+    old = EVAL_PROMPTS[:16]
+    same = all((x == y).all() for x, y in zip(*[[__import__('numpy').asarray(im) for im in generate(p, old, **kw).images]
+                                                  for p in (base, fresh)]))
+    r = dict(model=model_fingerprint(), machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
+             date=time.strftime('%Y-%m-%d'), steps=a.steps, lr=a.lr, batch_size=a.batch_size, n_train=a.n, n=a.eval_n,
+             wall=round(wall, 1), cpu=round(cpu, 1), loss_first=sum(inv.losses[:10]) / 10, loss_last=sum(inv.losses[-10:]) / 10,
+             word=word['shape'], before=before['shape'], after=after['shape'], colour=after['colour'],
+             background=after['background'], base_prompts_unchanged=bool(same))
+    print(json.dumps(r, indent=1))
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(r, indent=1) + '\n')
+
+
+if __name__ == '__main__': main()

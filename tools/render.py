@@ -1,0 +1,124 @@
+"""Execute the course's notebooks as a student's Run All does, and (with `--write`) keep their outputs.
+
+One execution engine for two jobs:
+- `tests/test_run_all.py` runs every lesson exactly as committed (no cell skipped, no tag honoured) in a fresh kernel
+  with CUDA hidden, as on a laptop without a GPU or internet;
+- `make render` (`python tools/render.py --write`) runs every notebook the same way and writes the outputs into the
+  committed notebooks (then `nbdev_clean` strips metadata only), records a hash of each notebook's code in
+  `nbs/_rendered.json` (so a test can tell when outputs are stale) and copies each lesson's headline picture to
+  `nbs/images/` for the README.
+
+Usage: python tools/render.py [--write] [NOTEBOOK ...]   (default: every notebook in nbs/)
+"""
+from __future__ import annotations
+import base64, hashlib, json, os, re, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
+IMAGES = NBS / 'images'
+MANIFEST = NBS / '_rendered.json'
+MAX_BYTES = 2_000_000
+# The picture that heads each lesson in the README: the first PNG output of the first code cell containing this text.
+# The first entry also opens the README.
+HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sweep = strength_sweep(',
+             '04_inpainting': "edits = [('object'", '06_inside': "swapped = swap_word(",
+             '05_finetuning': 'res.grid('}
+
+
+def notebooks() -> list[Path]:
+    "Every notebook of the course, in file order (names starting with '_' are scratch files)."
+    return sorted(p for p in NBS.glob('*.ipynb') if not p.name.startswith('_'))
+
+
+def lessons() -> list[Path]:
+    "The lessons: notebooks 01 to 09 (00 is the core library, 10 and up are appendices, index is the home page)."
+    return [p for p in notebooks() if re.match(r'0[1-9]_', p.name)]
+
+
+def kernel_env(quiet: bool = False) -> dict:
+    "A laptop without a GPU or internet: CUDA hidden, Hub offline, the embedded model, this checkout importable."
+    env = {k: v for k, v in os.environ.items() if k not in ('SD_INTRO_MODEL', 'SD_INTRO_RUN_GPU_CELLS')}
+    env.update(CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]),
+               PYDEVD_DISABLE_FILE_VALIDATION='1')
+    if quiet: env['TQDM_DISABLE'] = '1'   # a static page gains nothing from a finished progress bar
+    return env
+
+
+def execute(path: Path, timeout: int = 900, quiet: bool = False):
+    "Run `path` top to bottom in a fresh kernel (cwd nbs/, `kernel_env(quiet)`): the executed notebook and the seconds taken."
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
+    t0 = time.time()
+    client.execute(env=kernel_env(quiet))
+    return nb, time.time() - t0
+
+
+def code_hash(nb) -> str:
+    "A hash of the notebook's code cells' sources, in order: it changes when any code cell changes, is added or goes."
+    src = json.dumps([''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code'])
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def images_in(nb) -> int:
+    "The number of PNG pictures among the notebook's outputs."
+    return sum('image/png' in o.get('data', {}) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', []))
+
+
+def headline_png(nb, needle: str) -> bytes | None:
+    "The first PNG output of the first code cell whose source contains `needle`."
+    for c in nb['cells']:
+        if c['cell_type'] == 'code' and needle in ''.join(c['source']):
+            for o in c.get('outputs', []):
+                if 'image/png' in o.get('data', {}): return base64.b64decode(o['data']['image/png'])
+            return None
+    return None
+
+
+def write(path: Path, nb) -> dict:
+    "Write executed `nb` over `path`, cleaned of metadata by nbdev_clean; its manifest entry."
+    import nbformat
+    for c in nb.cells:   # PIL images show as both PNG and JPEG: keep the PNG only (half the notebook's size)
+        for o in c.get('outputs', []):
+            d = o.get('data', {})
+            if 'image/png' in d and 'image/jpeg' in d: del d['image/jpeg']
+    nbformat.write(nb, path)
+    subprocess.run([Path(sys.executable).parent / 'nbdev_clean', '--fname', str(path)], cwd=ROOT, check=True)
+    nb = json.loads(path.read_text())
+    size = path.stat().st_size
+    if size > MAX_BYTES: print(f"WARNING: {path.name} is {size / 1e6:.1f} MB, over the 2 MB limit: show fewer or smaller pictures")
+    stem = path.stem
+    if stem in HEADLINES:
+        png = headline_png(nb, HEADLINES[stem])
+        if png is None: print(f"WARNING: {path.name}: no picture in the cell containing {HEADLINES[stem]!r} (HEADLINES in {__file__})")
+        else: IMAGES.mkdir(exist_ok=True); (IMAGES / f"{stem}.png").write_bytes(png)
+    return dict(code=code_hash(nb), images=images_in(nb), bytes=size)
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else argv
+    do_write = '--write' in args
+    names = [a for a in args if a != '--write']
+    paths = [ROOT / n if not Path(n).is_absolute() else Path(n) for n in names] or notebooks()
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
+    total, failed = time.time(), []
+    for p in paths:
+        try: nb, secs = execute(p, quiet=do_write)
+        except Exception as e:
+            failed.append(p.name); print(f"{p.name}: FAILED\n{str(e)[-3000:]}", flush=True); continue
+        line = f"{p.name}: ran in {secs:.0f} s"
+        if do_write:
+            manifest[p.name] = entry = write(p, nb)
+            line += f", {entry['images']} pictures, {entry['bytes'] / 1e6:.2f} MB"
+        print(line, flush=True)
+    if do_write:
+        manifest = {k: manifest[k] for k in sorted(manifest) if (NBS / k).exists()}
+        MANIFEST.write_text(json.dumps(manifest, indent=1) + '\n')
+    print(f"{len(paths) - len(failed)} of {len(paths)} notebooks ran in {time.time() - total:.0f} s")
+    if failed: sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == '__main__': main()
