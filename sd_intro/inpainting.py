@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_inpainting.ipynb #bc2e5226
 from __future__ import annotations
-import hashlib, importlib, os, warnings
+import hashlib, os, warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,21 +12,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from .core import (load_pipeline, generate, image_grid, save_image, read_settings, replay, pipe_defaults,
-                           pipe_params, generators, seeds_for, prompts_for, check_guidance, check_steps, Generation,
-                           quiet_loading)
+                           pipe_params, generators, seeds_for, prompts_for, check_guidance, check_steps, Generation)
 from .shapes import Scene, render, to_pil, COLOURS, SIZE
 
 # %% auto #0
 __all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'mask_id', 'save_inpainting',
            'replay_inpainting', 'inpaint_start', 'blend', 'inpaint_by_hand', 'change_outside', 'seam', 'difference_map',
            'Repaint', 'repaint', 'pasted_back', 'check_mask', 'check_inpaint_inputs']
-
-# %% ../nbs/04_inpainting.ipynb #7afb6c3f
-def _import_auto_pipelines_quietly():
-    "Import diffusers' auto pipelines once, without transformers' notice that its image processors would like torchvision (Stable Diffusion does not use it)."
-    with quiet_loading(bars=False): import diffusers.pipelines.auto_pipeline  # noqa: F401
-
-_import_auto_pipelines_quietly()
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
 REGIONS = ('object', 'background', 'box')
