@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import copy, difflib, inspect, json, math, os, re, shutil, tempfile, threading, warnings, weakref
+import copy, difflib, inspect, json, logging, math, os, re, shutil, tempfile, threading, warnings, weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 import sd_intro
@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
            'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'image_grid', 'default_device',
-           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
-           'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler', 'check_guidance',
-           'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation', 'pipe_defaults',
-           'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters', 'parse_parameters', 'atomic_dir',
-           'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
+           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'load_lora', 'generators',
+           'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler',
+           'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation',
+           'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters', 'parse_parameters',
+           'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def _font(size: int):
@@ -302,6 +302,32 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
     pipe.set_progress_bar_config(disable=model == EMBEDDED_MODEL)
     return pipe
 
+
+# %% ../nbs/00_core.ipynb #7ab4e302
+class _NoTextEncoderLoraNote(logging.Filter):
+    "Drop diffusers' note that a LoRA file holds no weights for a text encoder (notes about the UNet pass)."
+    def filter(self, record):
+        msg = record.getMessage()
+        return not (msg.startswith('No LoRA keys associated to') and "prefix='text_encoder" in msg)
+
+def load_lora(pipe,              # a loaded Stable Diffusion pipeline (the LoRA is added to it)
+              lora,              # a folder or file written by `save_lora_weights`, a Hub id, or a state dict
+              **kwargs           # `load_lora_weights`' weight_name=, adapter_name=, ...
+             ):
+    "`pipe.load_lora_weights(lora, **kwargs)` without diffusers' note that a UNet-only LoRA has no text-encoder weights; returns `pipe`."
+    if isinstance(lora, (str, os.PathLike)):
+        local = Path(lora).expanduser()
+        if not local.exists() and (local.is_absolute() or str(lora).startswith(('.', '~')) or str(lora).count('/') != 1):
+            raise FileNotFoundError(f"lora={str(lora)!r}: no such file or folder; pass a folder written by "
+                                    f"`save_lora_weights` (e.g. a fine-tune's out/lora), its .safetensors file, or a Hub id")
+        if local.exists(): lora = str(local)
+    quiet = _NoTextEncoderLoraNote()
+    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split('.')[0] == 'diffusers']
+    for lg in loggers: lg.addFilter(quiet)   # where the note is made, so no handler anywhere prints it
+    try: pipe.load_lora_weights(lora, **kwargs)
+    finally:
+        for lg in loggers: lg.removeFilter(quiet)
+    return pipe
 
 # %% ../nbs/00_core.ipynb #09b1702f
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
