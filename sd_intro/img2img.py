@@ -19,9 +19,42 @@ from .core import (load_pipeline, generate, image_grid, pipe_defaults, generator
 from .shapes import COLOURS
 
 # %% auto #0
-__all__ = ['WOLF_SKETCH_URL', 'CACHE_DIR', 'ResizeNote', 'load_image', 'draw_sketch', 'sketch_path', 'img2img_pipeline',
-           'steps_run', 'ssim', 'pixel_diff', 'StrengthSweep', 'strength_sweep', 'noised_start', 'img2img_by_hand',
-           'Hop', 'Chain', 'run_chain', 'replay_chain']
+__all__ = ['WOLF_SKETCH_URL', 'CACHE_DIR', 'steps_run', 'noised_start', 'ResizeNote', 'load_image', 'draw_sketch', 'sketch_path',
+           'img2img_pipeline', 'ssim', 'pixel_diff', 'StrengthSweep', 'strength_sweep', 'img2img_by_hand', 'Hop',
+           'Chain', 'run_chain', 'replay_chain']
+
+# %% ../nbs/03_img2img.ipynb #aa90ec31
+def steps_run(num_inference_steps: int, # the `num_inference_steps` passed to the pipeline
+              strength: float           # img2img strength, 0 to 1
+             ) -> int:
+    "How many denoising steps img2img actually runs: `int(steps * strength)`, as diffusers computes it."
+    if not 0 <= strength <= 1: raise ValueError(f"strength={strength}: use a value from 0 (keep the image) to 1 (redraw it)")
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+# %% ../nbs/03_img2img.ipynb #4079dd84
+@torch.no_grad()
+def noised_start(pipe,                       # a loaded pipeline (txt2img or img2img): its VAE and scheduler are used
+                 image,                      # the starting picture (anything `load_image` takes; used at its own size, as the pipeline does)
+                 strength: float,            # 0 (keep the picture) to 1 (redraw it)
+                 num_inference_steps: int,   # the full schedule; `steps_run(...)` of its steps are kept
+                 gens: Sequence[torch.Generator] # one generator per image (`generators`): VAE sample, then noise
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    "Img2img's starting latents (the picture encoded and noised to the start step) and the timesteps left to run."
+    from diffusers.utils.torch_utils import randn_tensor
+    k = steps_run(num_inference_steps, strength)
+    if k < 1: raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} runs no step; raise either")
+    gens = list(gens)
+    img = load_image(image)
+    dtype, vae = pipe.text_encoder.dtype, pipe.vae
+    x = pipe.image_processor.preprocess(img).to(pipe.device, dtype)     # 1 x 3 x H x W in [-1, 1]
+    latents = torch.cat([vae.encode(x).latent_dist.sample(g) for g in gens]) * vae.config.scaling_factor
+    sched = pipe.scheduler
+    sched.set_timesteps(num_inference_steps, device=pipe.device)
+    start = (num_inference_steps - k) * sched.order
+    timesteps = sched.timesteps[start:]
+    if hasattr(sched, 'set_begin_index'): sched.set_begin_index(start)
+    noise = randn_tensor(latents.shape, generator=gens, device=pipe.device, dtype=dtype)
+    return sched.add_noise(latents, noise, timesteps[:1].repeat(len(gens))), timesteps
 
 # %% ../nbs/03_img2img.ipynb #a37eecf6
 WOLF_SKETCH_URL = 'https://s3.amazonaws.com/moonup/production/uploads/1664665907257-noauth.png'  # the seed notes' sketch
@@ -207,14 +240,6 @@ def img2img_pipeline(pipe):
 
 def _sampler(pipe) -> str: return sampler_name(pipe.scheduler)
 
-# %% ../nbs/03_img2img.ipynb #aa90ec31
-def steps_run(num_inference_steps: int, # the `num_inference_steps` passed to the pipeline
-              strength: float           # img2img strength, 0 to 1
-             ) -> int:
-    "How many denoising steps img2img actually runs: `int(steps * strength)`, as diffusers computes it."
-    if not 0 <= strength <= 1: raise ValueError(f"strength={strength}: use a value from 0 (keep the image) to 1 (redraw it)")
-    return min(int(num_inference_steps * strength), num_inference_steps)
-
 # %% ../nbs/03_img2img.ipynb #f60ab2b4
 def _grey(img) -> torch.Tensor:
     a = np.asarray(img.convert('RGB') if isinstance(img, Image.Image) else img, np.float64)
@@ -296,31 +321,6 @@ def strength_sweep(pipe,                      # a txt2img or img2img pipeline (i
                          adherence=None if adh is None else float(np.mean(list(adh.values()))), per_attribute=adh))
         gens.append(g)
     return StrengthSweep(image, prompt, rows, gens)
-
-# %% ../nbs/03_img2img.ipynb #4079dd84
-@torch.no_grad()
-def noised_start(pipe,                       # a loaded pipeline (txt2img or img2img): its VAE and scheduler are used
-                 image,                      # the starting picture (anything `load_image` takes; used at its own size, as the pipeline does)
-                 strength: float,            # 0 (keep the picture) to 1 (redraw it)
-                 num_inference_steps: int,   # the full schedule; `steps_run(...)` of its steps are kept
-                 gens: Sequence[torch.Generator] # one generator per image (`generators`): VAE sample, then noise
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Img2img's starting latents (the picture encoded and noised to the start step) and the timesteps left to run."
-    from diffusers.utils.torch_utils import randn_tensor
-    k = steps_run(num_inference_steps, strength)
-    if k < 1: raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} runs no step; raise either")
-    gens = list(gens)
-    img = load_image(image)
-    dtype, vae = pipe.text_encoder.dtype, pipe.vae
-    x = pipe.image_processor.preprocess(img).to(pipe.device, dtype)     # 1 x 3 x H x W in [-1, 1]
-    latents = torch.cat([vae.encode(x).latent_dist.sample(g) for g in gens]) * vae.config.scaling_factor
-    sched = pipe.scheduler
-    sched.set_timesteps(num_inference_steps, device=pipe.device)
-    start = (num_inference_steps - k) * sched.order
-    timesteps = sched.timesteps[start:]
-    if hasattr(sched, 'set_begin_index'): sched.set_begin_index(start)
-    noise = randn_tensor(latents.shape, generator=gens, device=pipe.device, dtype=dtype)
-    return sched.add_noise(latents, noise, timesteps[:1].repeat(len(gens))), timesteps
 
 # %% ../nbs/03_img2img.ipynb #14f679aa
 def img2img_by_hand(pipe,                          # a loaded pipeline (txt2img or img2img)
