@@ -24,10 +24,17 @@ def stream_text(cell) -> str:
     return ''.join(''.join(o.get('text', '')) for o in cell.get('outputs', []) if o.get('output_type') == 'stream')
 
 
+def shown_text(cell) -> str:
+    "Printed text and the text of displayed widgets (a progress bar is a widget whose text GitHub shows)."
+    return stream_text(cell) + ''.join(''.join(o['data'].get('text/plain', '')) + '\n' for o in cell.get('outputs', [])
+                                       if o.get('output_type') == 'display_data' and
+                                       'application/vnd.jupyter.widget-view+json' in o.get('data', {}))
+
+
 def spam_in(nb) -> list[str]:
     "'cell N: line' for every output line of `nb` that is warning or progress-bar spam."
     return [f"cell {i}: {line[:200]}" for i, c in enumerate(nb['cells']) if c['cell_type'] == 'code'
-            for line in stream_text(c).splitlines() if SPAM.search(line)]
+            for line in shown_text(c).splitlines() if SPAM.search(line)]
 
 
 def test_there_are_lessons():
