@@ -14,13 +14,14 @@ import sd_intro
 from .core import load_pipeline, generate, image_grid, atomic_dir, Generation, _real, _whole
 from .pipelines import x0_from_prediction
 from .embedded import cache_latents, encode_text, judged_quality, negative_prompt_effect
-from .shapes import caption
+from .shapes import BASE_SHAPES, caption, make_dataset
 from .finetune import model_fingerprint
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'lcm_info', 'lcm_pipeline', 'is_lcm',
            'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'boundary_scalings',
-           'skipping_timesteps', 'ddim_step', 'lcm_loss', 'DistillConfig', 'save_lcm_lora', 'distill', 'main']
+           'skipping_timesteps', 'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'DistillConfig',
+           'save_lcm_lora', 'distill', 'main']
 
 # %% ../nbs/07_few_steps.ipynb #efcc4aba
 LCM_LORA = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-lcm-lora')  # the shipped distilled LoRA
@@ -213,14 +214,52 @@ def lcm_loss(student, teacher,           # the UNet being distilled (LoRA on) an
         x_prev = ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), ab(t_end))
         # the target: the student's own guess from there (LCM-LoRA uses the same weights, no EMA copy)
         target = cs_end * x_prev + co_end * _x0_eps(student(x_prev, t_end, cond).sample, x_prev, ab(t_end), prediction_type)[0]
+    return _distance(pred, target, loss_type, huber_c)
+
+def _distance(pred, target, loss_type='huber', huber_c=1e-3):
+    "Mean squared error, or the pseudo-Huber distance LCM uses (about |d| for large d, smooth at 0)."
     if loss_type == 'l2': return F.mse_loss(pred.float(), target.float())
     return torch.mean(torch.sqrt((pred.float() - target.float()) ** 2 + huber_c ** 2) - huber_c)
+
+def teacher_endpoints(pipe,                  # the base model's pipeline (the teacher)
+                      captions: Sequence[str], # one caption per picture
+                      noise: torch.Tensor,     # the starting latents, one per caption (pure noise)
+                      g: torch.Generator,      # CPU generator for the guidance scales
+                      w_range=(3.0, 8.0),      # guidance w, one per batch (CFG scale w + 1), as `lcm_loss` bakes in
+                      steps: int = 20,         # the teacher's DDIM steps
+                      bs: int = 64) -> torch.Tensor:
+    "The teacher's final latents from each `noise`: `steps` guided DDIM steps, the picture the one-step answer should be."
+    from diffusers import StableDiffusionPipeline
+    from sd_intro.core import make_scheduler
+    ddim = StableDiffusionPipeline(**{**pipe.components, 'scheduler': make_scheduler('DDIM', pipe.scheduler.config)},
+                                   requires_safety_checker=False)   # the same modules, another sampler
+    ddim.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(captions), bs):
+        w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(1, generator=g).item()
+        out.append(ddim(list(captions[i:i + bs]), latents=noise[i:i + bs].clone(), num_inference_steps=steps,
+                        guidance_scale=w + 1, output_type='latent').images)
+    return torch.cat(out)
+
+def anchor_loss(student,                       # the UNet being distilled
+                alphas_cumprod: torch.Tensor,  # the noise schedule
+                noise: torch.Tensor,           # pure-noise latents
+                target: torch.Tensor,          # the teacher's pictures from them (`teacher_endpoints`)
+                cond: torch.Tensor,            # their captions' text states
+                loss_type: str = 'huber', huber_c: float = 1e-3, prediction_type: str = 'epsilon',
+                timestep_scaling: float = 10.0) -> torch.Tensor:
+    "The one-step anchor: the student's answer from pure noise at the last timestep should be the teacher's picture."
+    n, dev = len(noise), noise.device
+    t = torch.full((n,), len(alphas_cumprod) - 1)
+    cs, co = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t, timestep_scaling))
+    x0 = _x0_eps(student(noise, t.to(dev), cond).sample, noise, alphas_cumprod[t].view(n, 1, 1, 1).to(dev), prediction_type)[0]
+    return _distance(cs * noise + co * x0, target, loss_type, huber_c)
 
 # %% ../nbs/07_few_steps.ipynb #5b92458e
 @dataclass
 class DistillConfig:
     "Every setting of a distillation run (the command line has one flag per field)."
-    steps: int = 300             # optimiser steps
+    steps: int = 1600            # optimiser steps
     batch_size: int = 32
     lr: float = 2e-3             # AdamW learning rate (cosine decay after a 5% warm-up)
     rank: int = 16               # LoRA rank
@@ -230,13 +269,15 @@ class DistillConfig:
     loss_type: str = 'huber'     # 'huber' or 'l2'
     huber_c: float = 1e-3
     n_images: int = 1024         # shapes-world pictures encoded once into latents
+    anchor: float = 4.0          # weight of the one-step anchor (`anchor_loss`); 0: the plain LCM recipe
+    anchor_pairs: int = 2048     # noise -> teacher picture pairs made once for it (20 guided DDIM steps each)
     max_grad_norm: float = 1.0
     ckpt_every: int = 25         # steps between checkpoints
     seed: int = 0
 
     def check(self):
         "A clear error for each setting out of range, before anything is written."
-        for k in ('steps', 'batch_size', 'rank', 'num_ddim_timesteps', 'n_images', 'ckpt_every'):
+        for k in ('steps', 'batch_size', 'rank', 'num_ddim_timesteps', 'n_images', 'anchor_pairs', 'ckpt_every'):
             v = getattr(self, k)
             if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of 1 or more")
         if not _whole(self.seed): raise ValueError(f"seed={self.seed!r}: use a whole number")
@@ -246,6 +287,7 @@ class DistillConfig:
         if not (_real(self.w_min) and _real(self.w_max) and 0 <= self.w_min <= self.w_max):
             raise ValueError(f"w_min={self.w_min!r}, w_max={self.w_max!r}: use 0 <= w_min <= w_max (CFG scale w + 1: "
                              f"3 to 8 bakes in scales 4 to 9)")
+        if not _real(self.anchor) or self.anchor < 0: raise ValueError(f"anchor={self.anchor!r}: use a number of 0 or more (0 turns it off)")
         if self.loss_type not in ('huber', 'l2'): raise ValueError(f"loss_type={self.loss_type!r}: use 'huber' or 'l2'")
         if 1000 % self.num_ddim_timesteps: raise ValueError(
             f"num_ddim_timesteps={self.num_ddim_timesteps}: use a divisor of the 1000 training timesteps (50 is usual)")
@@ -314,6 +356,16 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
         log(f"encoding {cfg.n_images} pictures into latents")
         means, stds, scenes = cache_latents(vae, cfg.n_images, seed=cfg.seed + 100)
         _save_atomic((means, stds, scenes), cache)
+    if cfg.anchor:   # the one-step anchor's pairs: pure noise and the teacher's picture from it, made once
+        apath = work / f"anchor-{fingerprint}-{cfg.anchor_pairs}-{cfg.w_min}-{cfg.w_max}-{cfg.seed}.pt"
+        if apath.exists(): a_noise, a_target, a_caps = torch.load(apath, weights_only=False)
+        else:
+            log(f"the teacher draws {cfg.anchor_pairs} pictures for the one-step anchor")
+            ga, rnga = torch.Generator().manual_seed(cfg.seed + 200), random.Random(cfg.seed + 200)
+            a_caps = [caption(s, rnga) for s in make_dataset(cfg.anchor_pairs, seed=cfg.seed + 200, shapes=BASE_SHAPES)[1]]
+            a_noise = torch.randn(cfg.anchor_pairs, *means.shape[1:], generator=ga)
+            with torch.no_grad(): a_target = teacher_endpoints(pipe, a_caps, a_noise, ga, (cfg.w_min, cfg.w_max)).cpu()
+            _save_atomic((a_noise, a_target, a_caps), apath)
     run = dict(asdict(cfg), model=fingerprint)
     ck, start, seconds = work / 'checkpoint.pt', 0, 0.0
     if ck.exists():
@@ -336,6 +388,11 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
         with torch.no_grad(): cond = encode_text(tok, te, [caption(scenes[j], rng) for j in i.tolist()])[0].to(device)
         loss = lcm_loss(student, teacher, ac, lat, cond, uncond, g, (cfg.w_min, cfg.w_max), cfg.num_ddim_timesteps,
                         cfg.loss_type, cfg.huber_c, pred_type)
+        if cfg.anchor:
+            j = torch.randint(0, len(a_noise), (cfg.batch_size,), generator=g)
+            with torch.no_grad(): a_cond = encode_text(tok, te, [a_caps[k] for k in j.tolist()])[0].to(device)
+            loss = loss + cfg.anchor * anchor_loss(student, ac, a_noise[j].to(device), a_target[j].to(device), a_cond,
+                                                   cfg.loss_type, cfg.huber_c, pred_type)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step(); lr_sched.step()
         if step % 20 == 0 or step + 1 == cfg.steps: log(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
