@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import copy, difflib, functools, inspect, json, math, os, re, shutil, tempfile, threading, warnings, weakref
+import copy, difflib, inspect, json, logging, math, os, re, shutil, tempfile, threading, warnings, weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 import sd_intro
@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
            'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'image_grid', 'default_device',
-           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'generators', 'seeds_for',
-           'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler', 'hooked_step',
+           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'load_lora', 'generators',
+           'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler',
            'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation',
            'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters', 'parse_parameters',
            'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
@@ -303,6 +303,32 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
     return pipe
 
 
+# %% ../nbs/00_core.ipynb #7ab4e302
+class _NoTextEncoderLoraNote(logging.Filter):
+    "Drop diffusers' note that a LoRA file holds no weights for a text encoder (notes about the UNet pass)."
+    def filter(self, record):
+        msg = record.getMessage()
+        return not (msg.startswith('No LoRA keys associated to') and "prefix='text_encoder" in msg)
+
+def load_lora(pipe,              # a loaded Stable Diffusion pipeline (the LoRA is added to it)
+              lora,              # a folder or file written by `save_lora_weights`, a Hub id, or a state dict
+              **kwargs           # `load_lora_weights`' weight_name=, adapter_name=, ...
+             ):
+    "`pipe.load_lora_weights(lora, **kwargs)` without diffusers' note that a UNet-only LoRA has no text-encoder weights; returns `pipe`."
+    if isinstance(lora, (str, os.PathLike)):
+        local = Path(lora).expanduser()
+        if not local.exists() and (local.is_absolute() or str(lora).startswith(('.', '~')) or str(lora).count('/') != 1):
+            raise FileNotFoundError(f"lora={str(lora)!r}: no such file or folder; pass a folder written by "
+                                    f"`save_lora_weights` (e.g. a fine-tune's out/lora), its .safetensors file, or a Hub id")
+        if local.exists(): lora = str(local)
+    quiet = _NoTextEncoderLoraNote()
+    loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split('.')[0] == 'diffusers']
+    for lg in loggers: lg.addFilter(quiet)   # where the note is made, so no handler anywhere prints it
+    try: pipe.load_lora_weights(lora, **kwargs)
+    finally:
+        for lg in loggers: lg.removeFilter(quiet)
+    return pipe
+
 # %% ../nbs/00_core.ipynb #09b1702f
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     "One CPU `torch.Generator` per seed: noise that depends only on the seed, not the batch or the device."
@@ -428,20 +454,6 @@ def make_scheduler(sampler: str,                # a sampler name (ours or the we
     try: return cls.from_config(config, **over)
     except ImportError as e: raise ValueError(f"sampler={sampler!r} needs a package that is not installed: {e}") from None
 
-
-# %% ../nbs/00_core.ipynb #90b25b2e
-@contextmanager
-def hooked_step(scheduler,  # a diffusers scheduler (its `step` is wrapped inside the `with`)
-                wrap):      # wrap(step) -> a function called instead of `step`, with the same arguments
-    "Inside a `with`, `scheduler.step` is `wrap(step)`; on leaving, the scheduler is restored as it was."
-    if not callable(getattr(scheduler, 'step', None)):
-        raise TypeError(f"scheduler={scheduler!r}: pass a diffusers scheduler (something with a `step` method), e.g. pipe.scheduler")
-    orig, prev = scheduler.step, scheduler.__dict__.get('step')
-    scheduler.step = functools.wraps(orig)(wrap(orig))  # keeps the signature: pipelines inspect it
-    try: yield scheduler
-    finally:
-        if prev is None: del scheduler.step
-        else: scheduler.step = prev
 
 # %% ../nbs/00_core.ipynb #6332de0d
 def _real(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)

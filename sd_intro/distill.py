@@ -58,10 +58,8 @@ def lcm_pipeline(model=None,                       # the base model, as `load_pi
     pipe.register_modules(unet=copy.deepcopy(base.unet),
                           scheduler=LCMScheduler.from_config(base.scheduler.config,
                                                              original_inference_steps=info['num_ddim_timesteps']))
-    from diffusers.utils import logging as dlog
-    level = dlog.get_verbosity(); dlog.set_verbosity_error()   # (its note that the LoRA holds no text-encoder weights)
-    try: pipe.load_lora_weights(str(local) if local.is_dir() else lora, weight_name=weight_name, adapter_name='lcm')
-    finally: dlog.set_verbosity(level)
+    from sd_intro.core import load_lora   # (load_lora_weights without its note that the LoRA holds no text-encoder weights)
+    load_lora(pipe, str(local) if local.is_dir() else lora, weight_name=weight_name, adapter_name='lcm')
     if fuse: pipe.fuse_lora()
     pipe.sd_intro_lcm = info
     return pipe
