@@ -9,7 +9,10 @@ background adherence):
   guidance         the LCM at guidance 1, 1.5, 2, 4, 7.5; negative prompts' colour effect with and without LCM
 Prints Markdown tables and writes bench/results/distill.json.
 
-    python bench/bench_distill.py [--train] [--threads 2] [--quick]
+    python bench/bench_distill.py [--train] [--threads 2] [--quick] [--lora FOLDER --json OUT.json]
+
+`--lora` measures another LCM-LoRA folder than the shipped one (e.g. a run with `--anchor 0`, the plain LCM recipe;
+bench/results/distill-plain-lcm.json is such a run: 1000 steps, no anchor).
 """
 import argparse, json, os, platform, sys, time, warnings
 from pathlib import Path
@@ -27,6 +30,9 @@ def main():
     ap.add_argument('--train', action='store_true', help='distil the shipped LoRA again first (overwrites it)')
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--quick', action='store_true', help='16 prompts x 1 seed (a smoke test, not the figures)')
+    ap.add_argument('--lora', default=None, help='an LCM-LoRA folder to measure instead of the shipped one')
+    ap.add_argument('--json', default=None, help=f'where to write the figures (default: {RESULTS.relative_to(ROOT)} '
+                                                  f'for the shipped LoRA, nowhere for another)')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from sd_intro.core import load_pipeline
@@ -39,12 +45,14 @@ def main():
         t = time.time()
         distill(LCM_LORA, overwrite=True, work=ROOT / 'bench' / 'out' / 'distill-work')
         res['train_wall_s'] = round(time.time() - t, 1)
-    info = lcm_info()
+    if a.train and a.lora: ap.error('--train distils the shipped LoRA; leave out --lora')
+    lora = a.lora or LCM_LORA
+    info = lcm_info(lora)
     res['distill'] = info
     assert info['model'] == model_fingerprint(), "the shipped LCM-LoRA was distilled from another model: run with --train"
     print(f"LCM-LoRA: {info['steps']} steps x {info['batch_size']}, {info['train_seconds']:.0f} s of training on "
           f"{info['device']} ({info['torch_threads']} threads)\n")
-    base, lcm = load_pipeline(), lcm_pipeline()
+    base, lcm = load_pipeline(), lcm_pipeline(lora=lora)
     kw = dict(n_prompts=16, n_seeds=1) if a.quick else {}
     t = time.time()
     table = few_step_quality(base, lcm, **kw)
@@ -74,10 +82,11 @@ def main():
     res['negative_prompt'] = neg
     print('\n' + markdown_table({f"{who}: {c}": {'without': x, 'with it as negative': y}
                                  for who, r in neg.items() for c, (x, y) in r.items()}, 'colour share'))
-    if not a.quick:
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=1, default=float) + '\n')
-        print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    out = Path(a.json) if a.json else None if a.lora or a.quick else RESULTS
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1, default=float) + '\n')
+        print(f"\nwrote {out}")
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1ca42186
 from __future__ import annotations
-import copy, difflib, inspect, json, logging, math, os, re, shutil, tempfile, threading, warnings, weakref
+import copy, difflib, functools, inspect, json, logging, math, os, re, shutil, tempfile, threading, warnings, weakref
 from collections.abc import Iterable
 from contextlib import contextmanager
 import sd_intro
@@ -21,9 +21,10 @@ __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 
            'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'image_grid', 'default_device',
            'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'load_lora', 'generators',
            'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler',
-           'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation',
-           'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters', 'parse_parameters',
-           'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying', 'replay']
+           'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call',
+           'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters',
+           'parse_parameters', 'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying',
+           'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def _font(size: int):
@@ -454,6 +455,20 @@ def make_scheduler(sampler: str,                # a sampler name (ours or the we
     try: return cls.from_config(config, **over)
     except ImportError as e: raise ValueError(f"sampler={sampler!r} needs a package that is not installed: {e}") from None
 
+
+# %% ../nbs/00_core.ipynb #90b25b2e
+@contextmanager
+def hooked_step(scheduler,  # a diffusers scheduler (its `step` is wrapped inside the `with`)
+                wrap):      # wrap(step) -> a function called instead of `step`, with the same arguments
+    "Inside a `with`, `scheduler.step` is `wrap(step)`; on leaving, the scheduler is restored as it was."
+    if not callable(getattr(scheduler, 'step', None)):
+        raise TypeError(f"scheduler={scheduler!r}: pass a diffusers scheduler (something with a `step` method), e.g. pipe.scheduler")
+    orig, prev = scheduler.step, scheduler.__dict__.get('step')
+    scheduler.step = functools.wraps(orig)(wrap(orig))  # keeps the signature: pipelines inspect it
+    try: yield scheduler
+    finally:
+        if prev is None: del scheduler.step
+        else: scheduler.step = prev
 
 # %% ../nbs/00_core.ipynb #6332de0d
 def _real(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)

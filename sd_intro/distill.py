@@ -14,13 +14,117 @@ import sd_intro
 from .core import load_pipeline, generate, image_grid, atomic_dir, Generation, _real, _whole
 from .pipelines import x0_from_prediction
 from .embedded import cache_latents, encode_text, judged_quality, negative_prompt_effect
-from .shapes import caption
+from .shapes import BASE_SHAPES, caption, make_dataset
 from .finetune import model_fingerprint
 
 # %% auto #0
-__all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'lcm_info', 'lcm_pipeline', 'is_lcm',
-           'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'boundary_scalings',
-           'skipping_timesteps', 'ddim_step', 'lcm_loss', 'DistillConfig', 'save_lcm_lora', 'distill', 'main']
+__all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
+           'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'lcm_info', 'lcm_pipeline', 'is_lcm',
+           'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'DistillConfig',
+           'save_lcm_lora', 'distill', 'main']
+
+# %% ../nbs/07_few_steps.ipynb #1cf2cbb6
+def boundary_scalings(t: torch.Tensor,            # timesteps
+                      timestep_scaling: float = 10.0, # `LCMScheduler`'s `timestep_scaling`
+                      sigma_data: float = 0.5
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    "c_skip and c_out: the model's output is c_skip x_t + c_out x0; at t = 0 it is x_t itself (c_skip 1, c_out 0)."
+    s = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
+    return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / (s ** 2 + sigma_data ** 2) ** 0.5
+
+# %% ../nbs/07_few_steps.ipynb #222dfebe
+def skipping_timesteps(num_ddim_timesteps: int = 50,   # points on the teacher's ODE solver schedule
+                       num_train_timesteps: int = 1000
+                      ) -> torch.Tensor:
+    "The DDIM solver's timesteps, k = 1000/50 = 20 apart: 19, 39, ..., 999 (the same ones `LCMScheduler` samples from)."
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    "One deterministic DDIM step: the latents at the earlier timestep whose signal share is `alpha_bar_prev`."
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps
+
+# %% ../nbs/07_few_steps.ipynb #6d7ac841
+def _x0_eps(out, x, ab, prediction_type):
+    "Predicted clean latents and noise from a UNet output on `x` at signal share `ab` (B x 1 x 1 x 1)."
+    x0 = x0_from_prediction(out, x, ab, prediction_type)
+    return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+def lcm_loss(student, teacher,           # the UNet being distilled (LoRA on) and the frozen base UNet
+             alphas_cumprod: torch.Tensor, # the noise schedule (`scheduler.alphas_cumprod`)
+             latents: torch.Tensor,      # clean latents (scaled), B x 4 x h x w
+             cond: torch.Tensor,         # their captions' text states
+             uncond: torch.Tensor,       # the empty prompt's text states (one row, or B)
+             g: torch.Generator,         # CPU generator for the noise, timesteps and guidance scales
+             w_range=(3.0, 8.0),         # guidance w to bake in (LCM's w: the CFG scale is w + 1)
+             num_ddim_timesteps: int = 50,
+             loss_type: str = 'huber', huber_c: float = 1e-3, prediction_type: str = 'epsilon',
+             timestep_scaling: float = 10.0) -> torch.Tensor:
+    "The latent consistency distillation loss: the student at t+k must agree with itself at t, one guided teacher step later."
+    n, dev = len(latents), latents.device
+    k = len(alphas_cumprod) // num_ddim_timesteps
+    idx = torch.randint(0, num_ddim_timesteps, (n,), generator=g)
+    t_start = skipping_timesteps(num_ddim_timesteps, len(alphas_cumprod))[idx]
+    t_end = (t_start - k).clamp(min=0)
+    ab = lambda t: alphas_cumprod[t].view(n, 1, 1, 1).to(dev)
+    cs_start, co_start = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_start, timestep_scaling))
+    cs_end, co_end = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_end, timestep_scaling))
+    noise = torch.randn(latents.shape, generator=g).to(dev)
+    x = ab(t_start).sqrt() * latents + (1 - ab(t_start)).sqrt() * noise     # z at t+k
+    w = (w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)).view(n, 1, 1, 1).to(dev)
+    t_start, t_end = t_start.to(dev), t_end.to(dev)
+    # the student's guess of the clean picture from t+k, through the boundary condition
+    x0 = _x0_eps(student(x, t_start, cond).sample, x, ab(t_start), prediction_type)[0]
+    pred = cs_start * x + co_start * x0
+    with torch.no_grad():
+        # the teacher, guided with w (cond and empty prompt in one batch), takes one DDIM step to t
+        out_c, out_u = teacher(torch.cat([x, x]), torch.cat([t_start, t_start]),
+                               torch.cat([cond, uncond.expand_as(cond)])).sample.chunk(2)
+        x0_c, eps_c = _x0_eps(out_c, x, ab(t_start), prediction_type)
+        x0_u, eps_u = _x0_eps(out_u, x, ab(t_start), prediction_type)
+        x_prev = ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), ab(t_end))
+        # the target: the student's own guess from there (LCM-LoRA uses the same weights, no EMA copy)
+        target = cs_end * x_prev + co_end * _x0_eps(student(x_prev, t_end, cond).sample, x_prev, ab(t_end), prediction_type)[0]
+    return _distance(pred, target, loss_type, huber_c)
+
+def _distance(pred, target, loss_type='huber', huber_c=1e-3):
+    "Mean squared error, or the pseudo-Huber distance LCM uses (about |d| for large d, smooth at 0)."
+    if loss_type == 'l2': return F.mse_loss(pred.float(), target.float())
+    return torch.mean(torch.sqrt((pred.float() - target.float()) ** 2 + huber_c ** 2) - huber_c)
+
+def teacher_endpoints(pipe,                  # the base model's pipeline (the teacher)
+                      captions: Sequence[str], # one caption per picture
+                      noise: torch.Tensor,     # the starting latents, one per caption (pure noise)
+                      g: torch.Generator,      # CPU generator for the guidance scales
+                      w_range=(3.0, 8.0),      # guidance w, one per batch (CFG scale w + 1), as `lcm_loss` bakes in
+                      steps: int = 20,         # the teacher's DDIM steps
+                      bs: int = 64) -> torch.Tensor:
+    "The teacher's final latents from each `noise`: `steps` guided DDIM steps, the picture the one-step answer should be."
+    from diffusers import StableDiffusionPipeline
+    from sd_intro.core import make_scheduler
+    ddim = StableDiffusionPipeline(**{**pipe.components, 'scheduler': make_scheduler('DDIM', pipe.scheduler.config)},
+                                   requires_safety_checker=False)   # the same modules, another sampler
+    ddim.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(captions), bs):
+        w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(1, generator=g).item()
+        out.append(ddim(list(captions[i:i + bs]), latents=noise[i:i + bs].clone(), num_inference_steps=steps,
+                        guidance_scale=w + 1, output_type='latent').images)
+    return torch.cat(out)
+
+def anchor_loss(student,                       # the UNet being distilled
+                alphas_cumprod: torch.Tensor,  # the noise schedule
+                noise: torch.Tensor,           # pure-noise latents
+                target: torch.Tensor,          # the teacher's pictures from them (`teacher_endpoints`)
+                cond: torch.Tensor,            # their captions' text states
+                loss_type: str = 'huber', huber_c: float = 1e-3, prediction_type: str = 'epsilon',
+                timestep_scaling: float = 10.0) -> torch.Tensor:
+    "The one-step anchor: the student's answer from pure noise at the last timestep should be the teacher's picture."
+    n, dev = len(noise), noise.device
+    t = torch.full((n,), len(alphas_cumprod) - 1)
+    cs, co = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t, timestep_scaling))
+    x0 = _x0_eps(student(noise, t.to(dev), cond).sample, noise, alphas_cumprod[t].view(n, 1, 1, 1).to(dev), prediction_type)[0]
+    return _distance(cs * noise + co * x0, target, loss_type, huber_c)
 
 # %% ../nbs/07_few_steps.ipynb #efcc4aba
 LCM_LORA = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-lcm-lora')  # the shipped distilled LoRA
@@ -149,76 +253,11 @@ def speed_ratio(base, lcm,              # the base model's pipeline and the LCM'
     s = {f"{k}_s": statistics.median(v) / n for k, v in times.items()}
     return dict(s, ratio=s['LCM_s'] / s['base_s'])
 
-# %% ../nbs/07_few_steps.ipynb #1cf2cbb6
-def boundary_scalings(t: torch.Tensor,            # timesteps
-                      timestep_scaling: float = 10.0, # `LCMScheduler`'s `timestep_scaling`
-                      sigma_data: float = 0.5
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    "c_skip and c_out: the model's output is c_skip x_t + c_out x0; at t = 0 it is x_t itself (c_skip 1, c_out 0)."
-    s = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
-    return sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s / (s ** 2 + sigma_data ** 2) ** 0.5
-
-# %% ../nbs/07_few_steps.ipynb #222dfebe
-def skipping_timesteps(num_ddim_timesteps: int = 50,   # points on the teacher's ODE solver schedule
-                       num_train_timesteps: int = 1000
-                      ) -> torch.Tensor:
-    "The DDIM solver's timesteps, k = 1000/50 = 20 apart: 19, 39, ..., 999 (the same ones `LCMScheduler` samples from)."
-    k = num_train_timesteps // num_ddim_timesteps
-    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
-
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
-    "One deterministic DDIM step: the latents at the earlier timestep whose signal share is `alpha_bar_prev`."
-    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps
-
-# %% ../nbs/07_few_steps.ipynb #6d7ac841
-def _x0_eps(out, x, ab, prediction_type):
-    "Predicted clean latents and noise from a UNet output on `x` at signal share `ab` (B x 1 x 1 x 1)."
-    x0 = x0_from_prediction(out, x, ab, prediction_type)
-    return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-
-def lcm_loss(student, teacher,           # the UNet being distilled (LoRA on) and the frozen base UNet
-             alphas_cumprod: torch.Tensor, # the noise schedule (`scheduler.alphas_cumprod`)
-             latents: torch.Tensor,      # clean latents (scaled), B x 4 x h x w
-             cond: torch.Tensor,         # their captions' text states
-             uncond: torch.Tensor,       # the empty prompt's text states (one row, or B)
-             g: torch.Generator,         # CPU generator for the noise, timesteps and guidance scales
-             w_range=(3.0, 8.0),         # guidance w to bake in (LCM's w: the CFG scale is w + 1)
-             num_ddim_timesteps: int = 50,
-             loss_type: str = 'huber', huber_c: float = 1e-3, prediction_type: str = 'epsilon',
-             timestep_scaling: float = 10.0) -> torch.Tensor:
-    "The latent consistency distillation loss: the student at t+k must agree with itself at t, one guided teacher step later."
-    n, dev = len(latents), latents.device
-    k = len(alphas_cumprod) // num_ddim_timesteps
-    idx = torch.randint(0, num_ddim_timesteps, (n,), generator=g)
-    t_start = skipping_timesteps(num_ddim_timesteps, len(alphas_cumprod))[idx]
-    t_end = (t_start - k).clamp(min=0)
-    ab = lambda t: alphas_cumprod[t].view(n, 1, 1, 1).to(dev)
-    cs_start, co_start = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_start, timestep_scaling))
-    cs_end, co_end = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_end, timestep_scaling))
-    noise = torch.randn(latents.shape, generator=g).to(dev)
-    x = ab(t_start).sqrt() * latents + (1 - ab(t_start)).sqrt() * noise     # z at t+k
-    w = (w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)).view(n, 1, 1, 1).to(dev)
-    t_start, t_end = t_start.to(dev), t_end.to(dev)
-    # the student's guess of the clean picture from t+k, through the boundary condition
-    x0 = _x0_eps(student(x, t_start, cond).sample, x, ab(t_start), prediction_type)[0]
-    pred = cs_start * x + co_start * x0
-    with torch.no_grad():
-        # the teacher, guided with w (cond and empty prompt in one batch), takes one DDIM step to t
-        out_c, out_u = teacher(torch.cat([x, x]), torch.cat([t_start, t_start]),
-                               torch.cat([cond, uncond.expand_as(cond)])).sample.chunk(2)
-        x0_c, eps_c = _x0_eps(out_c, x, ab(t_start), prediction_type)
-        x0_u, eps_u = _x0_eps(out_u, x, ab(t_start), prediction_type)
-        x_prev = ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), ab(t_end))
-        # the target: the student's own guess from there (LCM-LoRA uses the same weights, no EMA copy)
-        target = cs_end * x_prev + co_end * _x0_eps(student(x_prev, t_end, cond).sample, x_prev, ab(t_end), prediction_type)[0]
-    if loss_type == 'l2': return F.mse_loss(pred.float(), target.float())
-    return torch.mean(torch.sqrt((pred.float() - target.float()) ** 2 + huber_c ** 2) - huber_c)
-
 # %% ../nbs/07_few_steps.ipynb #5b92458e
 @dataclass
 class DistillConfig:
     "Every setting of a distillation run (the command line has one flag per field)."
-    steps: int = 300             # optimiser steps
+    steps: int = 1600            # optimiser steps
     batch_size: int = 32
     lr: float = 2e-3             # AdamW learning rate (cosine decay after a 5% warm-up)
     rank: int = 16               # LoRA rank
@@ -228,15 +267,20 @@ class DistillConfig:
     loss_type: str = 'huber'     # 'huber' or 'l2'
     huber_c: float = 1e-3
     n_images: int = 1024         # shapes-world pictures encoded once into latents
+    anchor: float = 4.0          # weight of the one-step anchor (`anchor_loss`); 0: the plain LCM recipe
+    anchor_start: int = 0        # the step it joins at (0: from the start; later starts measured worse)
+    anchor_pairs: int = 2048     # noise -> teacher picture pairs made once for it (20 guided DDIM steps each)
     max_grad_norm: float = 1.0
     ckpt_every: int = 25         # steps between checkpoints
     seed: int = 0
 
     def check(self):
         "A clear error for each setting out of range, before anything is written."
-        for k in ('steps', 'batch_size', 'rank', 'num_ddim_timesteps', 'n_images', 'ckpt_every'):
+        for k in ('steps', 'batch_size', 'rank', 'num_ddim_timesteps', 'n_images', 'anchor_pairs', 'ckpt_every'):
             v = getattr(self, k)
             if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of 1 or more")
+        if not _whole(self.anchor_start) or self.anchor_start < 0:
+            raise ValueError(f"anchor_start={self.anchor_start!r}: use a whole number of 0 or more (the step the anchor joins at)")
         if not _whole(self.seed): raise ValueError(f"seed={self.seed!r}: use a whole number")
         for k in ('lr', 'huber_c', 'max_grad_norm'):
             v = getattr(self, k)
@@ -244,6 +288,8 @@ class DistillConfig:
         if not (_real(self.w_min) and _real(self.w_max) and 0 <= self.w_min <= self.w_max):
             raise ValueError(f"w_min={self.w_min!r}, w_max={self.w_max!r}: use 0 <= w_min <= w_max (CFG scale w + 1: "
                              f"3 to 8 bakes in scales 4 to 9)")
+        if not (_real(self.anchor) and 0 <= self.anchor < math.inf):
+            raise ValueError(f"anchor={self.anchor!r}: use a number of 0 or more (0 turns the one-step anchor off)")
         if self.loss_type not in ('huber', 'l2'): raise ValueError(f"loss_type={self.loss_type!r}: use 'huber' or 'l2'")
         if 1000 % self.num_ddim_timesteps: raise ValueError(
             f"num_ddim_timesteps={self.num_ddim_timesteps}: use a divisor of the 1000 training timesteps (50 is usual)")
@@ -312,6 +358,16 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
         log(f"encoding {cfg.n_images} pictures into latents")
         means, stds, scenes = cache_latents(vae, cfg.n_images, seed=cfg.seed + 100)
         _save_atomic((means, stds, scenes), cache)
+    if cfg.anchor:   # the one-step anchor's pairs: pure noise and the teacher's picture from it, made once
+        apath = work / f"anchor-{fingerprint}-{cfg.anchor_pairs}-{cfg.w_min}-{cfg.w_max}-{cfg.seed}.pt"
+        if apath.exists(): a_noise, a_target, a_caps = torch.load(apath, weights_only=False)
+        else:
+            log(f"the teacher draws {cfg.anchor_pairs} pictures for the one-step anchor")
+            ga, rnga = torch.Generator().manual_seed(cfg.seed + 200), random.Random(cfg.seed + 200)
+            a_caps = [caption(s, rnga) for s in make_dataset(cfg.anchor_pairs, seed=cfg.seed + 200, shapes=BASE_SHAPES)[1]]
+            a_noise = torch.randn(cfg.anchor_pairs, *means.shape[1:], generator=ga)
+            with torch.no_grad(): a_target = teacher_endpoints(pipe, a_caps, a_noise, ga, (cfg.w_min, cfg.w_max)).cpu()
+            _save_atomic((a_noise, a_target, a_caps), apath)
     run = dict(asdict(cfg), model=fingerprint)
     ck, start, seconds = work / 'checkpoint.pt', 0, 0.0
     if ck.exists():
@@ -334,6 +390,11 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
         with torch.no_grad(): cond = encode_text(tok, te, [caption(scenes[j], rng) for j in i.tolist()])[0].to(device)
         loss = lcm_loss(student, teacher, ac, lat, cond, uncond, g, (cfg.w_min, cfg.w_max), cfg.num_ddim_timesteps,
                         cfg.loss_type, cfg.huber_c, pred_type)
+        if cfg.anchor and step >= cfg.anchor_start:
+            j = torch.randint(0, len(a_noise), (cfg.batch_size,), generator=g)
+            with torch.no_grad(): a_cond = encode_text(tok, te, [a_caps[k] for k in j.tolist()])[0].to(device)
+            loss = loss + cfg.anchor * anchor_loss(student, ac, a_noise[j].to(device), a_target[j].to(device), a_cond,
+                                                   cfg.loss_type, cfg.huber_c, pred_type)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step(); lr_sched.step()
         if step % 20 == 0 or step + 1 == cfg.steps: log(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")

@@ -4,14 +4,14 @@
 
 # %% ../nbs/06_inside.ipynb #a3da1cd7
 from __future__ import annotations
-import functools, inspect, os, re, time, warnings
+import inspect, os, re, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import EMBEDDED_MODEL, atomic_dir, generators, prompts_for, quiet_loading, resolve_model, seeds_for, _whole, _real
+from .core import EMBEDDED_MODEL, atomic_dir, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for, _whole, _real
 from .guidance import denoise, initial_latents
 from .pipelines import predict_x0
 from .shapes import COLOURS, HELD_OUT
@@ -201,22 +201,21 @@ class LossGuidance:
         self.losses.append(loss.detach().cpu()); self.seconds += time.perf_counter() - t0
         return (latents - self.scale * grad).to(latents.dtype)
 
-    def __enter__(self):
-        sched = self.pipe.scheduler
-        orig, count = sched.step, iter(range(10 ** 9))
-        @functools.wraps(orig)   # keeps the signature: pipelines inspect it
+    def _wrap(self, orig):
+        "The scheduler's `step`, guiding the latents first on every `every`-th call."
+        count = iter(range(10 ** 9))
         def step(model_output, timestep, sample, *args, **kwargs):
             if next(count) % self.every == 0: sample = self.guide(sample, model_output, timestep)
             return orig(model_output, timestep, sample, *args, **kwargs)
-        self._step = (sched, sched.__dict__.get('step'))
-        sched.step = step
+        return step
+
+    def __enter__(self):
+        self._step = hooked_step(self.pipe.scheduler, self._wrap)   # core's: keeps the signature, restores on exit
+        self._step.__enter__()
         return self
 
     def __exit__(self, *exc):
-        sched, prev = self._step
-        if prev is None: del sched.step
-        else: sched.step = prev
-        self._step = None
+        self._step.__exit__(*exc); self._step = None
 
 # %% ../nbs/06_inside.ipynb #726ae6a5
 def add_token(parts,          # `Parts` or a pipeline: its tokenizer and text encoder get the token

@@ -4,14 +4,14 @@
 
 # %% ../nbs/01_pipelines.ipynb #20fc64ad
 from __future__ import annotations
-import functools, math
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import generate, image_grid, scheduler_for, make_scheduler, SAMPLER_NAMES, Generation, _whole, check_steps
+from .core import generate, hooked_step, image_grid, scheduler_for, make_scheduler, SAMPLER_NAMES, Generation, _whole, check_steps
 
 # %% auto #0
 __all__ = ['decode_latents', 'x0_from_prediction', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress',
@@ -112,11 +112,9 @@ class StepRecorder:
         self.steps, self.timesteps, self.latents, self.x0 = [], [], [], []
         self.x0_source, self._x0, self._hooked, self.start = None, None, None, None
 
-    def __enter__(self):
-        "Wrap the scheduler's `step` to see each step's prediction of the final latents."
+    def _wrap(self, orig):
+        "The scheduler's `step`, also keeping the starting latents and each step's prediction of the final latents."
         sched = self.pipe.scheduler
-        orig = sched.step
-        @functools.wraps(orig)  # keeps the signature: pipelines inspect it for `eta` and `generator`
         def step(model_output, timestep, sample, *args, return_dict=True, **kwargs):
             if self.start is None and self.index < len(sample):  # the starting latents, at the UNet's scale
                 self.start = (sample[self.index:self.index + 1] * _sigma_scale(sched)).detach().cpu().clone()
@@ -127,15 +125,16 @@ class StepRecorder:
                 x0, self.x0_source = predict_x0(sched, model_output, timestep, sample), 'alphas_cumprod'
             self._x0 = x0
             return out if return_dict else out.to_tuple()
-        self._hooked = (sched, sched.__dict__.get('step'))
-        sched.step = step
+        return step
+
+    def __enter__(self):
+        "Wrap the scheduler's `step` (core's `hooked_step`) to see each step's prediction of the final latents."
+        self._hooked = hooked_step(self.pipe.scheduler, self._wrap)
+        self._hooked.__enter__()
         return self
 
     def __exit__(self, *exc):
-        sched, prev = self._hooked
-        if prev is None: del sched.step
-        else: sched.step = prev
-        self._hooked = None
+        self._hooked.__exit__(*exc); self._hooked = None
 
     def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
         "Called by the pipeline after each step with the new latents in `callback_kwargs['latents']`."

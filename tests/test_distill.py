@@ -10,10 +10,10 @@ from sd_intro.core import EMBEDDED_MODEL, load_pipeline
 from sd_intro.finetune import model_fingerprint
 from sd_intro.distill import (LCM_INFO, LCM_LORA, LCM_WEIGHTS, DistillConfig, boundary_scalings, check_lcm, distill,
                               few_step_quality, lcm_generate, lcm_info, lcm_max_steps, lcm_pipeline, main,
-                              skipping_timesteps)
+                              skipping_timesteps, anchor_loss, teacher_endpoints)
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(steps=3, batch_size=2, n_images=8, rank=2, ckpt_every=1)
+TINY = dict(steps=3, batch_size=2, n_images=8, anchor_pairs=4, rank=2, ckpt_every=1)
 
 
 def stub(original_inference_steps=50):
@@ -73,7 +73,8 @@ def test_solver_and_boundary_match_lcmscheduler():
 
 
 @pytest.mark.parametrize('bad', [dict(steps=0), dict(batch_size=2.5), dict(lr=0), dict(rank=True), dict(w_min=9, w_max=3),
-                                 dict(w_min=float('nan')), dict(loss_type='l1'), dict(num_ddim_timesteps=7), dict(seed='0')])
+                                 dict(w_min=float('nan')), dict(loss_type='l1'), dict(num_ddim_timesteps=7), dict(seed='0'),
+                                 dict(anchor=-1), dict(anchor=float('nan')), dict(anchor_pairs=0)])
 def test_bad_settings_are_named_before_anything_is_written(tmp_path, bad):
     with pytest.raises(ValueError, match=list(bad)[0]): distill(tmp_path / 'lcm', **bad)
     assert list(tmp_path.iterdir()) == []
@@ -108,7 +109,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
 
 
 def test_command_line(tmp_path):
-    out = main(['--out', str(tmp_path / 'lcm'), '--steps', '1', '--batch_size', '2', '--n_images', '4', '--rank', '2'])
+    out = main(['--out', str(tmp_path / 'lcm'), '--steps', '1', '--batch_size', '2', '--n_images', '4', '--anchor_pairs', '2', '--rank', '2'])
     assert sorted(p.name for p in out.iterdir()) == [LCM_INFO, LCM_WEIGHTS]
     assert lcm_info(out)['rank'] == 2
 
@@ -137,3 +138,31 @@ def test_the_shipped_lora_belongs_to_the_shipped_model_and_ships():
     for f in Path(LCM_LORA).iterdir():
         rel = f.relative_to(ROOT / 'sd_intro').as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in settings.ini's package_data"
+
+
+def test_anchor_loss_measures_the_distance_to_what_one_lcm_step_draws():
+    "anchor_loss's student answer is exactly LCMScheduler's 1-step result: zero distance to it, not to anything else."
+    lcm = lcm_pipeline()
+    prompts = ['a red circle on a blue background', 'a yellow star on a black background']
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        one = lcm(prompts, latents=noise.clone(), num_inference_steps=1, guidance_scale=1.0, output_type='latent').images
+        cond = lcm.encode_prompt(prompts, 'cpu', 1, False)[0]
+        ac = lcm.scheduler.alphas_cumprod.float()
+        assert anchor_loss(lcm.unet, ac, noise, one, cond).item() < 1e-4
+        assert anchor_loss(lcm.unet, ac, noise, torch.zeros_like(one), cond).item() > 0.1
+
+
+def test_teacher_endpoints_are_guided_ddim_pictures_at_scale_w_plus_1_and_leave_the_pipeline_alone():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    base = load_pipeline()
+    sched = base.scheduler
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    caps = ['a green triangle on a white background', 'a red square on a yellow background']
+    with torch.no_grad():
+        got = teacher_endpoints(base, caps, noise, torch.Generator().manual_seed(0), (4.0, 4.0), steps=5)
+        ddim = StableDiffusionPipeline(**{**base.components, 'scheduler': DDIMScheduler.from_config(sched.config)},
+                                       requires_safety_checker=False)
+        want = ddim(caps, latents=noise.clone(), num_inference_steps=5, guidance_scale=5.0, output_type='latent').images
+    assert torch.allclose(got, want, atol=1e-5)
+    assert base.scheduler is sched
