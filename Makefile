@@ -61,8 +61,8 @@ workflows:  # GitHub workflows checked here, so one that rots fails CI here and 
 test: install workflows sync
 	$(BIN)/python -m pytest tests -v --durations=15
 
-render: install  # execute every notebook as a student's Run All does (embedded model, no GPU) and keep the outputs
-	$(BIN)/python tools/render.py --write
+render: install  # execute every notebook as a student's Run All does (embedded model, no GPU), two at a time, and keep the outputs
+	$(BIN)/python tools/render.py --write --jobs 2
 	@echo "outputs written: commit nbs/*.ipynb, nbs/_rendered.json and nbs/images/"
 
 render-check:  # the committed outputs are there and fresh (no code cell changed since make render)

@@ -510,7 +510,7 @@ def validation_grid(history: dict,        # step -> validation images
     if not rows: raise ValueError("no validation images yet: pass validation_prompts to fine-tune")
     name = lambda s: 'before' if s == 0 else 'after' if s == steps_total else f"step {s}"
     imgs = [im for s in rows for im in history[s]]
-    return image_grid(imgs, rows=len(rows), labels=[name(s) for s in rows for _ in history[s]], scale=scale)
+    return image_grid(imgs, rows=len(rows), row_labels=[name(s) for s in rows], scale=scale)
 
 # %% ../nbs/05_finetuning.ipynb #bba2b0e9
 @dataclass

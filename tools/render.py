@@ -8,7 +8,10 @@ One execution engine for two jobs:
   `nbs/_rendered.json` (so a test can tell when outputs are stale) and copies each lesson's headline picture to
   `nbs/images/` for the README.
 
-Usage: python tools/render.py [--write] [NOTEBOOK ...]   (default: every notebook in nbs/)
+Usage: python tools/render.py [--write] [--jobs N] [NOTEBOOK ...]   (default: every notebook in nbs/)
+
+`--jobs N` runs N notebooks at a time, each kernel with cpu_count // N torch threads (`make render` uses 2: the
+kernels' start-up and imports, single-threaded, overlap). A notebook's outputs are the same either way.
 """
 from __future__ import annotations
 import base64, hashlib, json, os, re, subprocess, sys, time
@@ -36,24 +39,25 @@ def lessons() -> list[Path]:
     return [p for p in notebooks() if re.match(r'0[1-9]_', p.name)]
 
 
-def kernel_env(quiet: bool = False) -> dict:
+def kernel_env(quiet: bool = False, threads: int | None = None) -> dict:
     "A laptop without a GPU or internet: CUDA hidden, Hub offline, the embedded model, this checkout importable."
     env = {k: v for k, v in os.environ.items() if k not in ('SD_INTRO_MODEL', 'SD_INTRO_RUN_GPU_CELLS')}
     env.update(CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', HF_DATASETS_OFFLINE='1',
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p]),
                PYDEVD_DISABLE_FILE_VALIDATION='1')
     if quiet: env['TQDM_DISABLE'] = '1'   # a static page gains nothing from a finished progress bar
+    if threads: env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # kernels side by side share the cores
     return env
 
 
-def execute(path: Path, timeout: int = 900, quiet: bool = False):
+def execute(path: Path, timeout: int = 900, quiet: bool = False, threads: int | None = None):
     "Run `path` top to bottom in a fresh kernel (cwd nbs/, `kernel_env(quiet)`): the executed notebook and the seconds taken."
     import nbformat
     from nbclient import NotebookClient
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(path.parent)}})
     t0 = time.time()
-    client.execute(env=kernel_env(quiet))
+    client.execute(env=kernel_env(quiet, threads))
     return nb, time.time() - t0
 
 
@@ -98,22 +102,37 @@ def write(path: Path, nb) -> dict:
     return dict(code=code_hash(nb), images=images_in(nb), bytes=size)
 
 
+def _run(p: Path, quiet: bool, threads: int | None):
+    "`execute`, with the error as a value (for a worker process)."
+    try: return execute(p, quiet=quiet, threads=threads)
+    except Exception as e: return RuntimeError(str(e)[-3000:]), None   # (nbclient's errors do not pickle)
+
+
 def main(argv=None):
-    args = sys.argv[1:] if argv is None else argv
-    do_write = '--write' in args
-    names = [a for a in args if a != '--write']
-    paths = [ROOT / n if not Path(n).is_absolute() else Path(n) for n in names] or notebooks()
+    import argparse
+    from concurrent.futures import ProcessPoolExecutor
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--write', action='store_true', help='write the outputs into the notebooks')
+    ap.add_argument('--jobs', type=int, default=1, help='notebooks run at a time (default 1)')
+    ap.add_argument('notebooks', nargs='*')
+    a = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if a.jobs < 1: ap.error(f"--jobs {a.jobs}: use 1 or more")
+    do_write = a.write
+    paths = [ROOT / n if not Path(n).is_absolute() else Path(n) for n in a.notebooks] or notebooks()
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
     total, failed = time.time(), []
-    for p in paths:
-        try: nb, secs = execute(p, quiet=do_write)
-        except Exception as e:
-            failed.append(p.name); print(f"{p.name}: FAILED\n{str(e)[-3000:]}", flush=True); continue
-        line = f"{p.name}: ran in {secs:.0f} s"
-        if do_write:
-            manifest[p.name] = entry = write(p, nb)
-            line += f", {entry['images']} pictures, {entry['bytes'] / 1e6:.2f} MB"
-        print(line, flush=True)
+    threads = max(1, (os.cpu_count() or 1) // a.jobs) if a.jobs > 1 else None
+    with ProcessPoolExecutor(a.jobs) as pool:   # results come back in order; each is written as soon as it is there
+        runs = [pool.submit(_run, p, do_write, threads) for p in paths]
+        for p, run in zip(paths, runs):
+            nb, secs = run.result()
+            if isinstance(nb, Exception):
+                failed.append(p.name); print(f"{p.name}: FAILED\n{str(nb)[-3000:]}", flush=True); continue
+            line = f"{p.name}: ran in {secs:.0f} s"
+            if do_write:
+                manifest[p.name] = entry = write(p, nb)
+                line += f", {entry['images']} pictures, {entry['bytes'] / 1e6:.2f} MB"
+            print(line, flush=True)
     if do_write:
         manifest = {k: manifest[k] for k in sorted(manifest) if (NBS / k).exists()}
         MANIFEST.write_text(json.dumps(manifest, indent=1) + '\n')
