@@ -16,9 +16,9 @@ from .core import (load_pipeline, generate, image_grid, save_image, read_setting
 from .shapes import Scene, render, to_pil, COLOURS, SIZE
 
 # %% auto #0
-__all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'mask_id', 'save_inpainting',
-           'replay_inpainting', 'inpaint_start', 'blend', 'inpaint_by_hand', 'change_outside', 'seam', 'difference_map',
-           'Repaint', 'repaint', 'pasted_back', 'check_mask', 'check_inpaint_inputs']
+__all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'inpaint_start', 'blend',
+           'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'pasted_back',
+           'mask_id', 'save_inpainting', 'replay_inpainting', 'check_mask', 'check_inpaint_inputs']
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
 REGIONS = ('object', 'background', 'box')
@@ -71,55 +71,6 @@ def inpaint_pipeline(pipe):
         inp.set_progress_bar_config(**getattr(pipe, '_progress_bar_config', {}))
         pipe._sd_intro_inpaint = inp
     return inp
-
-# %% ../nbs/04_inpainting.ipynb #ba43cd2e
-def mask_id(mask_image) -> str:
-    "A short fingerprint of a mask as the pipeline reads it (white where >= 128): what settings record for it."
-    if isinstance(mask_image, (list, tuple)): mask_image = mask_image[0]
-    m = np.asarray(mask_image.convert('L') if isinstance(mask_image, Image.Image) else mask_image)
-    m = m >= (128 if m.dtype == np.uint8 else 0.5)
-    return hashlib.sha256(np.packbits(m).tobytes() + str(m.shape).encode()).hexdigest()[:12]
-
-def _beside(path: Path) -> tuple[Path, Path]:
-    return path.with_name(path.stem + '.mask.png'), path.with_name(path.stem + '.start.png')
-
-# %% ../nbs/04_inpainting.ipynb #a904042b
-def save_inpainting(img: Image.Image,  # the inpainted picture (`generate(...)[i]`)
-                    path: str | os.PathLike, # where to write it (.png); the mask and start go beside it
-                    settings: dict,    # its settings (`res.settings[i]`)
-                    image,             # the starting picture it was made from
-                    mask_image         # the mask it was made with
-                   ) -> tuple[Path, Path, Path]:
-    "Write the picture with its settings (`save_image`), and beside it the mask (`.mask.png`) and the starting picture (`.start.png`); all three or none."
-    from sd_intro.img2img import load_image
-    if not isinstance(settings, dict) or 'mask' not in settings: raise ValueError(
-        "save_inpainting: settings must be the inpainting settings of this picture (res.settings[i], with a 'mask' "
-        "fingerprint); for other pictures use save_image")
-    mask = check_mask(mask_image, load_image(image))
-    if mask_id(mask) != settings['mask']: raise ValueError(
-        f"save_inpainting: mask_image is not the mask these settings were made with ({settings['mask']}); pass that one")
-    path = Path(path).expanduser()
-    mpath, spath = _beside(path)
-    written = []
-    try:
-        for p, im, s in ((mpath, mask, None), (spath, load_image(image), None), (path, img, settings)):
-            save_image(im, p, s); written.append(p)
-    except BaseException:
-        for p in written: p.unlink(missing_ok=True)
-        raise
-    return path, mpath, spath
-
-# %% ../nbs/04_inpainting.ipynb #7d804db8
-def replay_inpainting(path: str | os.PathLike, # a PNG written by `save_inpainting`
-                      pipe                      # any pipeline of the model (made an inpainting one)
-                     ) -> Image.Image:
-    "Make an inpainted picture again from its PNG and the mask and starting picture saved beside it."
-    path = Path(path).expanduser()
-    mpath, spath = _beside(path)
-    missing = [str(p) for p in (path, mpath, spath) if not p.is_file()]
-    if missing: raise FileNotFoundError(f"replay_inpainting: {missing} not found; save_inpainting writes the picture, "
-                                        f"its .mask.png and its .start.png together: keep them together")
-    return replay(path, inpaint_pipeline(pipe), image=Image.open(spath).convert('RGB'), mask_image=Image.open(mpath))
 
 # %% ../nbs/04_inpainting.ipynb #1f12b21d
 @torch.no_grad()
@@ -297,6 +248,55 @@ def pasted_back(r: Repaint,          # a `repaint` result
     paste = VaeImageProcessor().apply_overlay
     g = Generation([paste(over, r.picture, im) for im in r.images], r.generation.settings, r.generation.nsfw)
     return _measured(r.picture, r.mask, r.prompt, g, judged)
+
+# %% ../nbs/04_inpainting.ipynb #ba43cd2e
+def mask_id(mask_image) -> str:
+    "A short fingerprint of a mask as the pipeline reads it (white where >= 128): what settings record for it."
+    if isinstance(mask_image, (list, tuple)): mask_image = mask_image[0]
+    m = np.asarray(mask_image.convert('L') if isinstance(mask_image, Image.Image) else mask_image)
+    m = m >= (128 if m.dtype == np.uint8 else 0.5)
+    return hashlib.sha256(np.packbits(m).tobytes() + str(m.shape).encode()).hexdigest()[:12]
+
+def _beside(path: Path) -> tuple[Path, Path]:
+    return path.with_name(path.stem + '.mask.png'), path.with_name(path.stem + '.start.png')
+
+# %% ../nbs/04_inpainting.ipynb #a904042b
+def save_inpainting(img: Image.Image,  # the inpainted picture (`generate(...)[i]`)
+                    path: str | os.PathLike, # where to write it (.png); the mask and start go beside it
+                    settings: dict,    # its settings (`res.settings[i]`)
+                    image,             # the starting picture it was made from
+                    mask_image         # the mask it was made with
+                   ) -> tuple[Path, Path, Path]:
+    "Write the picture with its settings (`save_image`), and beside it the mask (`.mask.png`) and the starting picture (`.start.png`); all three or none."
+    from sd_intro.img2img import load_image
+    if not isinstance(settings, dict) or 'mask' not in settings: raise ValueError(
+        "save_inpainting: settings must be the inpainting settings of this picture (res.settings[i], with a 'mask' "
+        "fingerprint); for other pictures use save_image")
+    mask = check_mask(mask_image, load_image(image))
+    if mask_id(mask) != settings['mask']: raise ValueError(
+        f"save_inpainting: mask_image is not the mask these settings were made with ({settings['mask']}); pass that one")
+    path = Path(path).expanduser()
+    mpath, spath = _beside(path)
+    written = []
+    try:
+        for p, im, s in ((mpath, mask, None), (spath, load_image(image), None), (path, img, settings)):
+            save_image(im, p, s); written.append(p)
+    except BaseException:
+        for p in written: p.unlink(missing_ok=True)
+        raise
+    return path, mpath, spath
+
+# %% ../nbs/04_inpainting.ipynb #7d804db8
+def replay_inpainting(path: str | os.PathLike, # a PNG written by `save_inpainting`
+                      pipe                      # any pipeline of the model (made an inpainting one)
+                     ) -> Image.Image:
+    "Make an inpainted picture again from its PNG and the mask and starting picture saved beside it."
+    path = Path(path).expanduser()
+    mpath, spath = _beside(path)
+    missing = [str(p) for p in (path, mpath, spath) if not p.is_file()]
+    if missing: raise FileNotFoundError(f"replay_inpainting: {missing} not found; save_inpainting writes the picture, "
+                                        f"its .mask.png and its .start.png together: keep them together")
+    return replay(path, inpaint_pipeline(pipe), image=Image.open(spath).convert('RGB'), mask_image=Image.open(mpath))
 
 # %% ../nbs/04_inpainting.ipynb #40916f6f
 def check_mask(mask_image,           # PIL image ('L' or '1', or grey RGB), H x W bool/uint8 array, or a path
