@@ -201,6 +201,7 @@ def test_public_names_are_reexported():
         assert hasattr(sd_intro, name), name
 
 
+@pytest.mark.filterwarnings('ignore:height x width')   # (the size note is tested on its own; here only the record)
 @pytest.mark.parametrize('output_type', ['pil', 'np', 'pt'])
 def test_settings_record_width_and_height_for_every_output_type(pipe, output_type):
     res = generate(pipe, 'a red circle', seed=0, num_inference_steps=2, height=64, width=96, output_type=output_type)
