@@ -267,7 +267,7 @@ class DistillConfig:
     loss_type: str = 'huber'     # 'huber' or 'l2'
     huber_c: float = 1e-3
     n_images: int = 1024         # shapes-world pictures encoded once into latents
-    anchor: float = 4.0          # weight of the one-step anchor (`anchor_loss`); 0: the plain LCM recipe
+    anchor: float = 2.0          # weight of the one-step anchor (`anchor_loss`); 0: the plain LCM recipe
     anchor_start: int = 0        # the step it joins at (0: from the start; later starts measured worse)
     anchor_pairs: int = 2048     # noise -> teacher picture pairs made once for it (20 guided DDIM steps each)
     max_grad_norm: float = 1.0
