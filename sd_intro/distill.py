@@ -4,14 +4,14 @@
 
 # %% ../nbs/07_few_steps.ipynb #cdcc4135
 from __future__ import annotations
-import argparse, copy, inspect, json, math, os, random, time, warnings
+import argparse, copy, inspect, json, os, random, time, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Sequence
 import torch
 import torch.nn.functional as F
 import sd_intro
-from .core import load_pipeline, generate, image_grid, atomic_dir, Generation, _real, _whole
+from .core import load_pipeline, generate, image_grid, atomic_dir, make_scheduler, Generation, _real, _whole
 from .pipelines import x0_from_prediction
 from .embedded import cache_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
@@ -101,7 +101,6 @@ def teacher_endpoints(pipe,                  # the base model's pipeline (the te
                       bs: int = 64) -> torch.Tensor:
     "The teacher's final latents from each `noise`: `steps` guided DDIM steps, the picture the one-step answer should be."
     from diffusers import StableDiffusionPipeline
-    from sd_intro.core import make_scheduler
     ddim = StableDiffusionPipeline(**{**pipe.components, 'scheduler': make_scheduler('DDIM', pipe.scheduler.config)},
                                    requires_safety_checker=False)   # the same modules, another sampler
     ddim.set_progress_bar_config(disable=True)
@@ -288,7 +287,7 @@ class DistillConfig:
         if not (_real(self.w_min) and _real(self.w_max) and 0 <= self.w_min <= self.w_max):
             raise ValueError(f"w_min={self.w_min!r}, w_max={self.w_max!r}: use 0 <= w_min <= w_max (CFG scale w + 1: "
                              f"3 to 8 bakes in scales 4 to 9)")
-        if not (_real(self.anchor) and 0 <= self.anchor < math.inf):
+        if not _real(self.anchor) or self.anchor < 0:   # (`_real` refuses NaN and infinity)
             raise ValueError(f"anchor={self.anchor!r}: use a number of 0 or more (0 turns the one-step anchor off)")
         if self.loss_type not in ('huber', 'l2'): raise ValueError(f"loss_type={self.loss_type!r}: use 'huber' or 'l2'")
         if 1000 % self.num_ddim_timesteps: raise ValueError(
