@@ -16,9 +16,11 @@ from PIL import Image
 import sd_intro
 
 # %% auto #0
-__all__ = ['COLOURS', 'BASE_SHAPES', 'HELD_OUT', 'SHAPES', 'STYLES', 'SIZE', 'CAPTION_KINDS', 'ATTRIBUTES', 'JUDGE_PATH', 'Scene',
-           'random_scene', 'render', 'to_pil', 'caption', 'parse_caption', 'make_dataset', 'JudgeNet', 'to_tensor',
-           'scene_targets', 'train_judge', 'load_judge', 'judge', 'adherence']
+__all__ = ['COLOURS', 'BASE_SHAPES', 'HELD_OUT', 'SHAPES', 'STYLES', 'SIZE', 'SIZES', 'POSITIONS', 'POSITION_WORDS',
+           'RADIUS_RANGE', 'SIZE_CUTS', 'THIRD_CUTS', 'MARGIN', 'POSITION_BETA', 'TURNS', 'ANY_TURN', 'CAPTION_KINDS',
+           'SAY_SIZE', 'SAY_POSITION', 'ATTRIBUTES', 'JUDGE_PATH', 'Scene', 'size_of', 'position_of', 'random_scene',
+           'render', 'to_pil', 'caption', 'parse_caption', 'make_dataset', 'JudgeNet', 'to_tensor', 'scene_attributes',
+           'scene_targets', 'train_judge', 'load_judge', 'judge', 'adherence', 'object_mask', 'layout_spread']
 
 # %% ../nbs/10_shapes.ipynb #46cbf14a
 COLOURS = {'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (240, 220, 40), 'green': (40, 170, 60),
@@ -28,6 +30,17 @@ HELD_OUT = 'creature'  # never in the base model's training set: lesson 5 teache
 SHAPES = BASE_SHAPES + (HELD_OUT,)
 STYLES = ('flat', 'outlined', 'striped')
 SIZE = 64
+SIZES = ('small', 'medium', 'large')           # "medium" is never said: it is what a caption without a size word means
+POSITIONS = ('top left', 'top', 'top right', 'left', 'middle', 'right', 'bottom left', 'bottom', 'bottom right')
+POSITION_WORDS = {'top left': 'in the top left corner', 'top': 'at the top', 'top right': 'in the top right corner',
+                  'left': 'on the left', 'middle': 'in the middle', 'right': 'on the right',
+                  'bottom left': 'in the bottom left corner', 'bottom': 'at the bottom',
+                  'bottom right': 'in the bottom right corner'}
+RADIUS_RANGE = (0.125, 0.375)  # object radius as a fraction of the width: it spans a quarter to three quarters
+SIZE_CUTS = (0.18, 0.29)       # radius below the first: small; above the second: large
+THIRD_CUTS = (0.4, 0.6)        # centre left of / above the first: left / top; right of / below the second: right / bottom
+MARGIN = 0.01                  # every object stays this far inside the frame
+POSITION_BETA = 0.3            # centres ~ Beta(0.3, 0.3) across the room left: as often near an edge as in the middle
 
 # %% ../nbs/10_shapes.ipynb #ca11b588
 @dataclass
@@ -49,17 +62,49 @@ class Scene:
         if self.colour == self.background:
             raise ValueError(f"Scene colour and background are both {self.colour!r}: the shape would be invisible")
 
+# %% ../nbs/10_shapes.ipynb #4a7281dd
+def size_of(scene: Scene) -> str:
+    "The size word of `scene`: 'small', 'medium' or 'large' (see `SIZE_CUTS`)."
+    return 'small' if scene.size < SIZE_CUTS[0] else 'large' if scene.size > SIZE_CUTS[1] else 'medium'
+
+def position_of(scene: Scene) -> str:
+    "Where `scene`'s object is, one of `POSITIONS` (the frame cut in thirds at `THIRD_CUTS`)."
+    def third(v, names): return names[0] if v < THIRD_CUTS[0] else names[2] if v > THIRD_CUTS[1] else names[1]
+    row, col = third(scene.y, ('top', '', 'bottom')), third(scene.x, ('left', '', 'right'))
+    return f"{row} {col}".strip() or 'middle'
+
 # %% ../nbs/10_shapes.ipynb #a1dd10d5
+# Turns in degrees. Triangles and stars take any turn (they repeat after 120 and 72 degrees); a square stays within
+# 15 degrees of upright, because a square turned 45 degrees is a diamond, and a model that must pick the turn from
+# the noise draws the average of all turns, a rounded blob (measured: 31% of squares read as squares with any turn);
+# the creature stays upright too.
+TURNS = {'circle': (0, 0), 'square': (-15, 15), 'triangle': (0, 120), 'star': (0, 72), HELD_OUT: (-15, 15)}
+ANY_TURN = {**TURNS, 'square': (0, 90)}   # every turn that looks different: the wider world the VAE learns from
+
+def _avoiding(rng, lo, hi, cuts, gap, log=False, beta=None):
+    "A draw from [lo, hi] (uniform, log-uniform, or Beta(`beta`, `beta`)) at least `gap` from every cut: one right name."
+    while True:
+        if log: v = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        else: v = lo + (hi - lo) * (rng.betavariate(beta, beta) if beta else rng.random())
+        if all(abs(v - c) >= gap for c in cuts): return v
+
 def random_scene(rng: random.Random, # source of randomness
                  shapes=BASE_SHAPES,  # shapes to draw from
                  styles=STYLES,       # styles to draw from
-                 style_weights=(2, 1, 1)) -> Scene:
-    "A random `Scene` drawn with `rng`."
+                 style_weights=(2, 1, 1), # how often each style is drawn
+                 position_beta=POSITION_BETA, # centres ~ Beta(b, b) across the room left; None: uniform
+                 margin=MARGIN,       # how far inside the frame every object stays
+                 turns=TURNS) -> Scene:   # shape -> (least, most) turn in degrees
+    "A random `Scene` drawn with `rng`: any colours, any place inside the margin, any size in `RADIUS_RANGE`, a turn."
     colour, background = rng.sample(list(COLOURS), 2)
-    return Scene(shape=rng.choice(shapes), colour=colour, background=background,
-                 style=rng.choices(styles, weights=style_weights[:len(styles)])[0],
-                 x=rng.uniform(0.4, 0.6), y=rng.uniform(0.4, 0.6), size=rng.uniform(0.2, 0.3),
-                 angle=rng.uniform(-20, 20))
+    shape = rng.choice(shapes)
+    style = rng.choices(styles, weights=style_weights[:len(styles)])[0]
+    r = _avoiding(rng, *RADIUS_RANGE, SIZE_CUTS, 0.012, log=True)
+    # Centres lean towards the edges: a model learns the average picture of a prompt, and guidance at 7.5 pulls every
+    # seed towards it; uniform centres make that average a blob in the middle (seeds' objects overlapped, IoU 0.41).
+    x, y = (_avoiding(rng, r + margin, 1 - r - margin, THIRD_CUTS, 0.03, beta=position_beta) for _ in range(2))
+    angle = rng.uniform(*turns[shape])
+    return Scene(shape=shape, colour=colour, background=background, style=style, x=x, y=y, size=r, angle=angle)
 
 # %% ../nbs/10_shapes.ipynb #2081de03
 def _polygon_mask(px, py, verts):
@@ -132,21 +177,28 @@ def _style_words(scene, rng):
 
 CAPTION_KINDS = {'full': 0.53, 'no_background': 0.12, 'no_colour': 0.08, 'no_shape': 0.06,
                  'colour': 0.04, 'background': 0.03, 'shape': 0.04, 'empty': 0.10}
+SAY_SIZE, SAY_POSITION = 0.3, 0.3   # chance that a caption naming the object also names its size / its place
 
 def caption(scene: Scene, rng: random.Random, kind: str | None = None) -> str:
     "A plain-English caption of `scene`, of a random `kind` (see `CAPTION_KINDS`) unless one is given."
     kind = kind or rng.choices(list(CAPTION_KINDS), weights=list(CAPTION_KINDS.values()))[0]
     s, c, b, sh = _style_words(scene, rng), scene.colour, scene.background, scene.shape
+    if kind in ('colour', 'background', 'empty'): return {'colour': c, 'background': _a(f"{b} background"), 'empty': ''}[kind]
+    size = size_of(scene)
+    s = (f"{size} " if size != 'medium' and rng.random() < SAY_SIZE else '') + s
+    where = f" {POSITION_WORDS[position_of(scene)]}" if rng.random() < SAY_POSITION else ''
     bg = f" on {_a(b)} background"
-    return {'full': _a(f"{s}{c} {sh}") + bg, 'no_background': _a(f"{s}{c} {sh}"),
-            'no_colour': _a(f"{s}{sh}") + bg, 'no_shape': _a(f"{s}{c} shape") + bg,
-            'colour': c, 'background': _a(f"{b} background"), 'shape': _a(f"{s}{sh}"), 'empty': ''}[kind]
+    obj = {'full': _a(f"{s}{c} {sh}"), 'no_background': _a(f"{s}{c} {sh}"), 'no_colour': _a(f"{s}{sh}"),
+           'no_shape': _a(f"{s}{c} shape"), 'shape': _a(f"{s}{sh}")}[kind]
+    return obj + (bg if kind in ('full', 'no_colour', 'no_shape') else '') + where
 
 # %% ../nbs/10_shapes.ipynb #53691327
+_SIZE_WORDS = {'small': 'small', 'little': 'small', 'tiny': 'small', 'large': 'large', 'big': 'large'}
+
 def parse_caption(text: str) -> dict:
-    "The attributes a caption names: colour, shape, background and style (None where unnamed)."
+    "The attributes a caption names: colour, shape, background, style, size and position (None where unnamed)."
     words = text.lower().replace(',', ' ').split()
-    out = dict(colour=None, shape=None, background=None, style=None)
+    out = dict(colour=None, shape=None, background=None, style=None, size=None, position=None)
     for i, w in enumerate(words):
         if w in COLOURS:
             is_bg = i + 1 < len(words) and words[i + 1] == 'background'
@@ -154,6 +206,11 @@ def parse_caption(text: str) -> dict:
         elif w in SHAPES: out['shape'] = w
         elif w in ('outlined', 'striped'): out['style'] = w
         elif w == 'solid': out['style'] = 'flat'
+        elif w in _SIZE_WORDS: out['size'] = _SIZE_WORDS[w]
+    row = next((w for w in ('top', 'bottom') if w in words), '')
+    col = next((w for w in ('left', 'right') if w in words), '')
+    if row or col: out['position'] = f"{row} {col}".strip()
+    elif any(w in words for w in ('middle', 'centre', 'center')): out['position'] = 'middle'
     return out
 
 # %% ../nbs/10_shapes.ipynb #f1753be4
@@ -170,7 +227,8 @@ def make_dataset(n: int,                 # number of pictures
     return imgs, scenes, caps
 
 # %% ../nbs/10_shapes.ipynb #3c2d2365
-ATTRIBUTES = {'colour': tuple(COLOURS), 'shape': SHAPES, 'background': tuple(COLOURS), 'style': STYLES}
+ATTRIBUTES = {'colour': tuple(COLOURS), 'shape': SHAPES, 'background': tuple(COLOURS), 'style': STYLES,
+              'size': SIZES, 'position': POSITIONS}
 
 class JudgeNet(nn.Module):
     "A small CNN with one classification head per attribute."
@@ -178,11 +236,14 @@ class JudgeNet(nn.Module):
         super().__init__()
         def block(i, o): return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
                                               nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
-        self.body = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 2 * width),
-                                  block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(4 * width, len(v)) for k, v in ATTRIBUTES.items()})
+        self.body = nn.Sequential(block(5, width), block(width, 2 * width), block(2 * width, 2 * width),
+                                  block(2 * width, 4 * width), nn.Flatten(), nn.Dropout(0.1),
+                                  nn.Linear(4 * width * (SIZE // 16) ** 2, 8 * width), nn.ReLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(8 * width, len(v)) for k, v in ATTRIBUTES.items()})
+        g = torch.linspace(-1, 1, SIZE)
+        self.register_buffer('coords', torch.stack(torch.meshgrid(g, g, indexing='ij'))[None], persistent=False)
     def forward(self, x): # x: N x 3 x 64 x 64 in [-1, 1]
-        h = self.body(x)
+        h = self.body(torch.cat([x, self.coords.expand(len(x), -1, -1, -1)], 1))
         return {k: head(h) for k, head in self.heads.items()}
 
 # %% ../nbs/10_shapes.ipynb #e854d8b6
@@ -205,9 +266,15 @@ def to_tensor(imgs) -> torch.Tensor:
     if not arrs: raise ValueError("imgs is empty: pass at least one image")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2) / 127.5 - 1
 
+def scene_attributes(scene: Scene) -> dict:
+    "Every attribute of `scene` the judge reads, by name (see `ATTRIBUTES`)."
+    return dict(colour=scene.colour, shape=scene.shape, background=scene.background, style=scene.style,
+                size=size_of(scene), position=position_of(scene))
+
 def scene_targets(scenes) -> dict:
     "Class indices of each attribute of `scenes`, as tensors."
-    return {k: torch.tensor([v.index(getattr(s, k)) for s in scenes]) for k, v in ATTRIBUTES.items()}
+    attrs = [scene_attributes(s) for s in scenes]
+    return {k: torch.tensor([v.index(a[k]) for a in attrs]) for k, v in ATTRIBUTES.items()}
 
 # %% ../nbs/10_shapes.ipynb #888617b0
 def _augment(x, g):
@@ -220,7 +287,7 @@ def _augment(x, g):
     x = x * (1 + 0.1 * torch.randn(n, 3, 1, 1, generator=g)) + 0.05 * torch.randn(n, 3, 1, 1, generator=g)
     return (x + 0.06 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)).clamp(-1, 1)
 
-def train_judge(steps: int = 600,     # optimiser steps
+def train_judge(steps: int = 2000,     # optimiser steps
                 bs: int = 64,         # batch size
                 seed: int = 0,        # fixed seed
                 vae=None,             # optional VAE: a third of the batches are passed through it
@@ -241,7 +308,7 @@ def train_judge(steps: int = 600,     # optimiser steps
         out, tgt = net(x), scene_targets(scenes)
         loss = sum(F.cross_entropy(out[k], tgt[k]) for k in ATTRIBUTES)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-        if log and step % 100 == 0: log(f"judge step {step} loss {loss.item():.3f}")
+        if log and step % 250 == 0: log(f"judge step {step} loss {loss.item():.3f}")
     return net.eval()
 
 # %% ../nbs/10_shapes.ipynb #b8d7e45d
@@ -262,7 +329,7 @@ def load_judge(path=None) -> JudgeNet:
 def judge(images,       # PIL images or uint8 arrays (a single image is fine)
           net=None      # a `JudgeNet` (default: the shipped one)
          ) -> list[dict]:
-    "Read each image into {attribute: (value, confidence)} for colour, shape, background and style."
+    "Read each image into {attribute: (value, confidence)} for colour, shape, background, style, size and position."
     x = to_tensor(images)   # checks the images before any weights are loaded
     net = net or load_judge()
     out = net.eval()(x)
@@ -288,3 +355,25 @@ def adherence(images, prompts, net=None) -> dict:
             counts[k] = counts.get(k, 0) + 1
             hits[k] = hits.get(k, 0) + (v[k][0] == want)
     return {k: hits[k] / counts[k] for k in counts}
+
+# %% ../nbs/10_shapes.ipynb #678fd821
+def object_mask(image,              # a PIL image or H x W x 3 uint8 array
+                colour=None,        # the object's colour name (default: judged)
+                background=None     # the background's colour name (default: judged)
+               ) -> np.ndarray:
+    "Boolean H x W mask of the object in `image`: pixels nearer its colour than the background's, holes filled."
+    from scipy import ndimage
+    if colour is None or background is None:
+        v = judge(image)[0]; colour, background = colour or v['colour'][0], background or v['background'][0]
+    arr = np.asarray(to_pil(image).convert('RGB'), np.float32)
+    d = lambda c: np.linalg.norm(arr - np.array(COLOURS[c], np.float32), axis=-1)
+    return ndimage.binary_fill_holes(d(colour) < d(background))
+
+# %% ../nbs/10_shapes.ipynb #73c46c62
+def layout_spread(images, colour=None, background=None) -> dict:
+    "How much objects move between `images`: mean pairwise IoU of their masks, and the spread (px) of their centres."
+    masks = [object_mask(i, colour, background) for i in images]
+    ious = [(m1 & m2).sum() / max((m1 | m2).sum(), 1) for i, m1 in enumerate(masks) for m2 in masks[i + 1:]]
+    centres = np.array([np.argwhere(m).mean(0) if m.any() else (np.nan, np.nan) for m in masks])[:, ::-1]
+    return dict(mean_iou=float(np.mean(ious)), centre_std_px=float(np.sqrt(np.nanvar(centres, 0).sum())),
+                mean_area=float(np.mean([m.mean() for m in masks])))
