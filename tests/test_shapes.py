@@ -106,14 +106,17 @@ def test_embedded_model_loads_in_both_pipelines_and_takes_other_schedulers(sched
         assert img.size == (64, 64) and np.isfinite(np.asarray(img, float)).all()
 
 
-def test_world_words_are_single_tokens_with_the_shipped_ids_in_any_rebuild():
+def test_world_words_are_single_tokens_in_the_shipped_tokenizer_and_in_any_rebuild():
+    # Only the count is stable across rebuilds: `tokenizers`' BPE trainer breaks ties between equally frequent pairs in
+    # a run-dependent order, so a rebuild may number a word ("top") differently. That is why the recipe keeps the
+    # tokenizer with its run (test_a_resumed_run_keeps_the_tokenizer_it_started_with).
     from pathlib import Path
     from transformers import CLIPTokenizer
     from sd_intro.core import EMBEDDED_MODEL
     shipped, built = CLIPTokenizer.from_pretrained(Path(EMBEDDED_MODEL) / 'tokenizer'), build_tokenizer()
     for w in WORLD_WORDS:
-        ids = shipped(w, add_special_tokens=False).input_ids
-        assert len(ids) == 1 and ids == built(w, add_special_tokens=False).input_ids, w
+        assert len(shipped(w, add_special_tokens=False).input_ids) == 1, w
+        assert len(built(w, add_special_tokens=False).input_ids) == 1, w
 
 
 def test_a_resumed_run_keeps_the_tokenizer_it_started_with(tmp_path, monkeypatch):
