@@ -14,7 +14,7 @@ from safetensors.torch import save_file, load_file
 from dataclasses import asdict
 from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
-                             POSITION_WORDS, layout_spread, ANY_TURN)
+                             POSITION_WORDS, layout_spread, ANY_TURN, _a)
 from .core import atomic_dir, save_pipeline
 
 # %% auto #0
@@ -346,11 +346,9 @@ def size_position_prompts(n: int = 64) -> list[str]:
     out = []
     for i in range(n):
         (c, s, b), (size, where) = combos[(i * 37) % len(combos)], wheres[i % len(wheres)]
-        out.append(_a_word(f"{size + ' ' if size else ''}{c} {s}") + f" on {_a_word(b)} background" +
+        out.append(_a(f"{size + ' ' if size else ''}{c} {s}") + f" on {_a(b)} background" +
                    (f" {POSITION_WORDS[where]}" if where else ''))
     return out
-
-def _a_word(w): return ('an ' if w[0] in 'aeiou' else 'a ') + w
 
 def size_position_quality(pipe, n_prompts=64, n_seeds=2, steps=30, guidance=7.5, seed=3000) -> dict:
     "Judged adherence of the size and place words (and the rest) on `size_position_prompts`."
