@@ -15,15 +15,16 @@ from PIL import Image
 from safetensors.torch import save_file, load_file
 from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL, _real, _whole
 from .embedded import diffusion_loss, EVAL_PROMPTS
-from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, random_scene, render, caption, to_pil
+from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE, SIZE_CUTS, random_scene, render, caption, to_pil
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'LORA_TARGETS', 'METHODS', 'RUN_FIELDS',
-           'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder', 'CaptionedImages', 'load_captioned',
-           'write_shapes_folder', 'prepare_image', 'batch_indices', 'training_batch', 'trainable_unet',
-           'FinetuneConfig', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint', 'save_checkpoint', 'load_checkpoint',
-           'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'vae_latents', 'run_lock',
-           'finetune', 'creature_prompts', 'concept_scores', 'model_fingerprint', 'main']
+__all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'CREATURE_SCENE', 'UNSEEN_PAIRS',
+           'LORA_TARGETS', 'METHODS', 'RUN_FIELDS', 'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder',
+           'CaptionedImages', 'load_captioned', 'write_shapes_folder', 'prepare_image', 'batch_indices',
+           'training_batch', 'trainable_unet', 'FinetuneConfig', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint',
+           'save_checkpoint', 'load_checkpoint', 'render_validation', 'validation_grid', 'FinetuneResult',
+           'save_finetuned', 'vae_latents', 'run_lock', 'finetune', 'creature_prompts', 'concept_scores', 'size_ranges',
+           'vae_round_trip', 'ears_kept', 'model_fingerprint', 'main']
 
 # %% ../nbs/05_finetuning.ipynb #a9b4306c
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -206,27 +207,37 @@ def load_captioned(source,                     # a folder (imagefolder), a `data
 # %% ../nbs/05_finetuning.ipynb #a6261f01
 NEW_CAPTION_KINDS = {'full': 0.6, 'no_background': 0.15, 'no_colour': 0.15, 'shape': 0.1}  # each names the shape
 OLD_CAPTION_KINDS = {'full': 0.7, 'no_background': 0.1, 'no_colour': 0.1, 'no_shape': 0.05, 'shape': 0.05}
+# The creature as the VAE can carry it: its decoder keeps the ears of large, flat creatures and loses most small ones
+# (measured in the lesson), so the pictures that teach it are large and flat.
+CREATURE_SCENE = dict(styles=('flat',), radius_range=(0.3, 0.375))
+_C = list(COLOURS)   # colour pairs no creature picture shows: the prompts that measure it were never trained on
+UNSEEN_PAIRS = tuple((c, _C[(i + k) % len(_C)]) for i, c in enumerate(_C) for k in (1, 3))
 
 def write_shapes_folder(folder: str | os.PathLike, # where to write (created; must be empty or absent)
                         n_new: int = 192,           # pictures of the new shape
                         n_old: int = 64,            # pictures of the base shapes, mixed in against forgetting
                         seed: int = 0,              # fixed seed: the same pictures every time
-                        new_shape: str = HELD_OUT   # the shape to teach
+                        new_shape: str = HELD_OUT,  # the shape to teach
+                        new_scene: dict | None = None # `random_scene` settings of its pictures (default for the creature: `CREATURE_SCENE`)
                        ) -> Path:
-    "Write a captioned imagefolder of the shapes world: `n_new` pictures of `new_shape` and `n_old` of the base shapes."
+    "Write a captioned imagefolder of the shapes world: `n_new` pictures of `new_shape` (never in `UNSEEN_PAIRS`' colours) and `n_old` of the base shapes."
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir(): raise FileExistsError(f"folder={str(folder)!r} is a file; pass a folder")
     if new_shape not in SHAPES: raise ValueError(f"new_shape={new_shape!r} is not a shape of this world: one of {list(SHAPES)}")
     for k, v in (('n_new', n_new), ('n_old', n_old)):
         if not _whole(v) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
     if n_new + n_old == 0: raise ValueError("n_new and n_old are both 0: ask for at least one picture")
+    if new_scene is None: new_scene = CREATURE_SCENE if new_shape == HELD_OUT else {}
+    bad = set(new_scene) - set(inspect.signature(random_scene).parameters) | {'rng', 'shapes'} & set(new_scene)
+    if bad: raise TypeError(f"new_scene={new_scene!r}: {sorted(bad)} are not settings of `random_scene` (use styles=, radius_range=, ...)")
     if folder.exists() and any(folder.iterdir()): raise FileExistsError(f"{folder} is not empty; pass a new or empty folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     rng, lines = random.Random(seed), []
     with atomic_dir(folder) as tmp:   # Ctrl-C half-way leaves no folder of pictures without their metadata.jsonl
         for i in range(n_new + n_old):
             new = i < n_new
-            scene = random_scene(rng, shapes=(new_shape,) if new else BASE_SHAPES)
+            scene = random_scene(rng, shapes=(new_shape,), **new_scene) if new else random_scene(rng, shapes=BASE_SHAPES)
+            while new and (scene.colour, scene.background) in UNSEEN_PAIRS: scene = random_scene(rng, shapes=(new_shape,), **new_scene)
             kinds = NEW_CAPTION_KINDS if new else OLD_CAPTION_KINDS
             text = caption(scene, rng, rng.choices(list(kinds), weights=list(kinds.values()))[0])
             name = f"{'new' if new else 'old'}-{i:04d}.png"
@@ -868,13 +879,14 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
                           seconds=seconds, step=stop, main_process=acc.is_main_process)
 
 # %% ../nbs/05_finetuning.ipynb #46e4384c
-def creature_prompts(n: int = 32, seed: int = 0, shape: str = HELD_OUT) -> list[str]:
-    "`n` fixed prompts 'a <colour> <shape> on a <colour> background' with varied colours."
-    rng, cols, out = random.Random(seed), list(COLOURS), []
-    while len(out) < n:
-        c, b = rng.sample(cols, 2)
-        out.append(f"a {c} {shape} on a {b} background".replace('a orange', 'an orange'))
-    return out
+def creature_prompts(n: int = 32, seed: int = 0, shape: str = HELD_OUT,
+                     size: str = '',     # a size word ('large', 'small') or none
+                     pairs=UNSEEN_PAIRS  # (colour, background) pairs to draw from (default: those no training picture shows)
+                    ) -> list[str]:
+    "`n` fixed prompts 'a <colour> <shape> on a <colour> background', colours drawn from `pairs`."
+    rng, pairs = random.Random(seed), list(pairs)
+    return [f"a {size + ' ' if size else ''}{c} {shape} on a {b} background".replace('a orange', 'an orange')
+            for c, b in (rng.choice(pairs) for _ in range(n))]
 
 def concept_scores(pipe,                 # a pipeline (tuned or not)
                    n: int = 32,          # images per measure
@@ -882,14 +894,44 @@ def concept_scores(pipe,                 # a pipeline (tuned or not)
                    guidance_scale: float = 7.5,
                    seed: int = 1000      # seeds seed, seed+1, ... (never the training seeds)
                   ) -> dict:
-    "Judged adherence: 'new' (creature prompts read as creatures), 'new_colour', and 'old' (mean over the base prompts' attributes)."
-    from sd_intro.shapes import adherence
-    new = creature_prompts(n)
+    "Creature prompts (half with 'large'): read as creatures by the judge ('new') and by their outline ('ears'), colours; base prompts' adherence ('old')."
+    from sd_intro.shapes import adherence, creature_verdicts
+    new = [p for a, b in zip(creature_prompts(n - n // 2), creature_prompts(n // 2, size='large')) for p in (a, b)]
+    new += creature_prompts(n - n // 2)[n // 2:]
     old = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(n)]
-    a_new = adherence(generate(pipe, new, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale).images, new)
+    imgs = generate(pipe, new, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale).images
+    a_new, v = adherence(imgs, new), creature_verdicts(imgs, new)
     a_old = adherence(generate(pipe, old, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale).images, old)
-    return dict(new=a_new['shape'], new_colour=a_new['colour'], old=float(np.mean(list(a_old.values()))),
-                old_shape=a_old['shape'])
+    return dict(new=a_new['shape'], ears=v['outline'], agree=v['agree'], new_colour=a_new['colour'],
+                new_background=a_new['background'], old=float(np.mean(list(a_old.values()))), old_shape=a_old['shape'])
+
+# %% ../nbs/05_finetuning.ipynb #78d9b40d
+def size_ranges() -> dict:
+    "The radius range of each size word: small, medium and large (`RADIUS_RANGE` cut at `SIZE_CUTS`)."
+    (lo, hi), (a, b) = RADIUS_RANGE, SIZE_CUTS
+    return {'small': (lo, a), 'medium': (a, b), 'large': (b, hi)}
+
+@torch.no_grad()
+def vae_round_trip(vae, images) -> list[np.ndarray]:
+    "uint8 H x W x 3 pictures encoded by `vae` (the latents' mean) and decoded again."
+    x = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+    return list(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+
+def ears_kept(vae,                  # the model's VAE
+              n: int = 32,          # creatures of each size
+              styles=STYLES,        # their styles
+              seed: int = 0) -> dict:
+    "Per size word: the creatures' renders and VAE round trips, and the share of each whose outline shows the ears."
+    from sd_intro.shapes import shows_ears
+    rng, out = random.Random(seed), {}
+    for size, rr in size_ranges().items():
+        scenes = [random_scene(rng, shapes=(HELD_OUT,), styles=styles, radius_range=rr) for _ in range(n)]
+        clean = [render(s) for s in scenes]
+        trip = vae_round_trip(vae, clean)
+        rate = lambda imgs: float(np.mean([shows_ears(i, s.colour, s.background) for i, s in zip(imgs, scenes)]))
+        out[size] = dict(clean=clean, vae=trip, clean_rate=rate(clean), vae_rate=rate(trip))
+    return out
 
 # %% ../nbs/05_finetuning.ipynb #70ebd7ca
 def model_fingerprint(model: str | os.PathLike | None = None) -> str:
@@ -914,6 +956,12 @@ RECIPES = {
                          gradient_checkpointing=True, steps=15000, lr=1e-5, lr_scheduler='constant', max_grad_norm=1.0,
                          mixed_precision='fp16', checkpoint_every=2500, validation_prompts=POKEMON_PROMPTS,
                          validation_seeds=(0,), validation_steps=30, num_workers=8, seed=1337),
+    # the creature LoRA shipped in sd_intro/models/shapes-creature-lora: the lesson's run, four times longer
+    # (data: `write_shapes_folder(FOLDER)`; then `python -m sd_intro.finetune --recipe shapes-creature --data FOLDER --out RUN`)
+    'shapes-creature': dict(method='lora', rank=16, steps=1200, batch_size=16, lr=2e-3, lr_scheduler='cosine',
+                            warmup_steps=50, checkpoint_every=100, seed=0,
+                            validation_prompts=('a red creature on a blue background', 'a large yellow creature on a black background'),
+                            validation_seeds=(0, 1)),
 }
 
 # %% ../nbs/05_finetuning.ipynb #62847b56

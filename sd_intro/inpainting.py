@@ -17,8 +17,9 @@ from .shapes import Scene, render, to_pil, COLOURS, SIZE
 
 # %% auto #0
 __all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'inpaint_start', 'blend',
-           'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'pasted_back',
-           'mask_id', 'save_inpainting', 'replay_inpainting', 'check_mask', 'check_inpaint_inputs']
+           'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'paste_original',
+           'pasted_back', 'vae_round_trip', 'mask_id', 'save_inpainting', 'replay_inpainting', 'check_mask',
+           'check_inpaint_inputs']
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
 REGIONS = ('object', 'background', 'box')
@@ -238,16 +239,30 @@ def repaint(pipe,                     # any pipeline of the model (made an inpai
                  num_inference_steps=num_inference_steps, **kwargs)
     return _measured(picture, check_mask(mask_image, picture), prompt, g, judged)
 
+def paste_original(images,            # inpainted pictures
+                   picture: Image.Image, # the picture they were made from
+                   mask_image,        # white where they were repainted
+                   blur: int = 0      # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
+                  ) -> list[Image.Image]:
+    "`images` with `picture` pasted back where the mask keeps it (diffusers' `apply_overlay`): the kept part exactly the original."
+    from diffusers.image_processor import VaeImageProcessor
+    mask = check_mask(mask_image, picture)
+    over = VaeImageProcessor.blur(mask, blur) if blur else mask
+    return [VaeImageProcessor().apply_overlay(over, picture, im) for im in images]
+
 def pasted_back(r: Repaint,          # a `repaint` result
                 blur: int = 0,        # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
                 judged: bool | None = None
                ) -> Repaint:
     "`r`'s pictures with the original pasted back outside the mask (diffusers' `apply_overlay`), judged and measured again."
-    from diffusers.image_processor import VaeImageProcessor
-    over = VaeImageProcessor.blur(r.mask, blur) if blur else r.mask
-    paste = VaeImageProcessor().apply_overlay
-    g = Generation([paste(over, r.picture, im) for im in r.images], r.generation.settings, r.generation.nsfw)
+    g = Generation(paste_original(r.images, r.picture, r.mask, blur), r.generation.settings, r.generation.nsfw)
     return _measured(r.picture, r.mask, r.prompt, g, judged)
+
+def vae_round_trip(pipe, picture: Image.Image) -> Image.Image:
+    "`picture` encoded by `pipe`'s VAE and decoded again: what the latents alone lose, with no denoising at all."
+    x = pipe.image_processor.preprocess(picture).to(pipe.device, pipe.vae.dtype)
+    with torch.no_grad(): y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    return pipe.image_processor.postprocess(y)[0]
 
 # %% ../nbs/04_inpainting.ipynb #ba43cd2e
 def mask_id(mask_image) -> str:

@@ -20,7 +20,8 @@ __all__ = ['COLOURS', 'BASE_SHAPES', 'HELD_OUT', 'SHAPES', 'STYLES', 'SIZE', 'SI
            'RADIUS_RANGE', 'SIZE_CUTS', 'THIRD_CUTS', 'MARGIN', 'POSITION_BETA', 'TURNS', 'ANY_TURN', 'CAPTION_KINDS',
            'SAY_SIZE', 'SAY_POSITION', 'ATTRIBUTES', 'JUDGE_PATH', 'Scene', 'size_of', 'position_of', 'random_scene',
            'render', 'to_pil', 'caption', 'parse_caption', 'make_dataset', 'JudgeNet', 'to_tensor', 'scene_attributes',
-           'scene_targets', 'train_judge', 'load_judge', 'judge', 'adherence', 'object_mask', 'layout_spread']
+           'scene_targets', 'train_judge', 'load_judge', 'judge', 'adherence', 'object_mask', 'layout_spread',
+           'silhouette', 'shows_ears', 'calibrate_judge', 'creature_verdicts']
 
 # %% ../nbs/10_shapes.ipynb #46cbf14a
 COLOURS = {'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (240, 220, 40), 'green': (40, 170, 60),
@@ -94,12 +95,13 @@ def random_scene(rng: random.Random, # source of randomness
                  style_weights=(2, 1, 1), # how often each style is drawn
                  position_beta=POSITION_BETA, # centres ~ Beta(b, b) across the room left; None: uniform
                  margin=MARGIN,       # how far inside the frame every object stays
-                 turns=TURNS) -> Scene:   # shape -> (least, most) turn in degrees
-    "A random `Scene` drawn with `rng`: any colours, any place inside the margin, any size in `RADIUS_RANGE`, a turn."
+                 turns=TURNS,         # shape -> (least, most) turn in degrees
+                 radius_range=RADIUS_RANGE) -> Scene: # (least, most) radius, as a fraction of the width
+    "A random `Scene` drawn with `rng`: any colours, any place inside the margin, any size in `radius_range`, a turn."
     colour, background = rng.sample(list(COLOURS), 2)
     shape = rng.choice(shapes)
     style = rng.choices(styles, weights=style_weights[:len(styles)])[0]
-    r = _avoiding(rng, *RADIUS_RANGE, SIZE_CUTS, 0.012, log=True)
+    r = _avoiding(rng, *radius_range, SIZE_CUTS, 0.012, log=True)
     # Centres lean towards the edges: a model learns the average picture of a prompt, and guidance at 7.5 pulls every
     # seed towards it; uniform centres make that average a blob in the middle (seeds' objects overlapped, IoU 0.41).
     x, y = (_avoiding(rng, r + margin, 1 - r - margin, THIRD_CUTS, 0.03, beta=position_beta) for _ in range(2))
@@ -377,3 +379,90 @@ def layout_spread(images, colour=None, background=None) -> dict:
     centres = np.array([np.argwhere(m).mean(0) if m.any() else (np.nan, np.nan) for m in masks])[:, ::-1]
     return dict(mean_iou=float(np.mean(ious)), centre_std_px=float(np.sqrt(np.nanvar(centres, 0).sum())),
                 mean_area=float(np.mean([m.mean() for m in masks])))
+
+# %% ../nbs/10_shapes.ipynb #85deb763
+def silhouette(image,              # a PIL image or H x W x 3 uint8 array
+               colour=None,        # the object's colour name (default: judged)
+               background=None     # the background's colour name (default: judged)
+              ) -> np.ndarray:
+    "The object's filled outline: pixels nearer its colour than the background's, one-pixel gaps closed, the largest piece."
+    from scipy import ndimage
+    if colour is None or background is None:
+        v = judge(image)[0]; colour, background = colour or v['colour'][0], background or v['background'][0]
+    arr = np.asarray(to_pil(image).convert('RGB'), np.float32)
+    d = lambda c: np.linalg.norm(arr - np.array(COLOURS[c], np.float32), axis=-1)
+    m = ndimage.binary_fill_holes(ndimage.binary_closing(np.pad(d(colour) < d(background), 2)))[2:-2, 2:-2]
+    lab, n = ndimage.label(m)
+    if n < 2: return m
+    return lab == 1 + int(np.argmax(ndimage.sum(m, lab, range(1, n + 1))))
+
+def shows_ears(image,            # a PIL image or H x W x 3 uint8 array
+               colour=None,      # the object's colour name (default: judged)
+               background=None,  # the background's colour name (default: judged)
+               rise: float = 0.12, # how far above the middle of the top edge each ear must stand, as a share of the width
+               solidity: float = 0.8 # the least share of its convex hull a round body fills
+              ) -> bool:
+    "Whether the object's outline shows the creature: two points standing up from a round body."
+    from scipy.spatial import ConvexHull, QhullError
+    m = silhouette(image, colour, background)
+    cols = np.flatnonzero(m.any(0))
+    if m.sum() < 12 or len(cols) < 5: return False
+    x0, w = cols[0], cols[-1] - cols[0] + 1
+    top = np.array([np.argmax(m[:, x]) if m[:, x].any() else len(m) for x in range(x0, x0 + w)], float)
+    left, right, middle = top[:w // 2].min(), top[w - w // 2:].min(), top[int(0.4 * w):max(int(0.6 * w), int(0.4 * w) + 1)].max()
+    try: hull = ConvexHull(np.argwhere(m)).volume
+    except QhullError: return False
+    return bool(middle - left >= rise * w and middle - right >= rise * w and m.sum() >= solidity * hull)
+
+# %% ../nbs/10_shapes.ipynb #55a51582
+def _creature_loss(logits, is_creature):
+    "Binary cross-entropy of the shape head's 'creature' class against the rest (the shape of a non-creature left open)."
+    k = SHAPES.index(HELD_OUT)
+    rest = torch.cat([logits[:, :k], logits[:, k + 1:]], 1).logsumexp(1)
+    return F.binary_cross_entropy_with_logits(logits[:, k] - rest, is_creature.float())
+
+def calibrate_judge(net: JudgeNet,     # a trained judge (tuned in place and returned)
+                    generated=(),      # pictures the models drew, with their prompts: [(image, prompt), ...]
+                    vae=None,          # the VAE: every other rendered batch goes through it
+                    steps: int = 400,  # optimiser steps
+                    bs: int = 64,      # rendered pictures per step (and up to half as many generated ones)
+                    lr: float = 3e-4,
+                    seed: int = 0,
+                    log=print) -> JudgeNet:
+    "Tune `net` so its creature verdict follows the outline (`shows_ears`) on decoded and generated pictures too."
+    g, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    gen = [(to_tensor([im])[0], shows_ears(im, parse_caption(p)['colour'], parse_caption(p)['background']))
+           for im, p in generated]
+    opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
+    net.train()
+    for step in range(steps):
+        scenes = [random_scene(rng, shapes=SHAPES, style_weights=(1, 1, 1)) for _ in range(bs)]
+        x, tgt = to_tensor(np.stack([render(s) for s in scenes])), scene_targets(scenes)
+        keep = torch.ones(bs, dtype=torch.bool)   # whose shape label still holds
+        if vae is not None and step % 2 == 1:
+            with torch.no_grad(): x = vae.decode(vae.encode(x).latent_dist.sample(generator=g)).sample.clamp(-1, 1)
+            arrs = ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            for i, s in enumerate(scenes):
+                if s.shape == HELD_OUT and not shows_ears(arrs[i], s.colour, s.background): keep[i] = False
+        out = net(_augment(x, g))
+        loss = sum(F.cross_entropy(out[k], tgt[k]) for k in ATTRIBUTES if k != 'shape')
+        loss = loss + F.cross_entropy(out['shape'][keep], tgt['shape'][keep])
+        if (~keep).any(): loss = loss + _creature_loss(out['shape'][~keep], torch.zeros(int((~keep).sum())))
+        if gen:
+            pick = torch.randint(0, len(gen), (bs // 2,), generator=g).tolist()
+            xg = _augment(torch.stack([gen[i][0] for i in pick]), g)
+            loss = loss + _creature_loss(net(xg)['shape'], torch.tensor([gen[i][1] for i in pick]))
+        opt.zero_grad(); loss.backward(); opt.step()
+        if log and step % 100 == 0: log(f"calibration step {step} loss {loss.item():.3f}")
+    return net.eval()
+
+# %% ../nbs/10_shapes.ipynb #ec54e1b9
+def creature_verdicts(images,   # generated pictures
+                      prompts,  # their prompts (the outline is read with the colours they name)
+                      net=None  # a `JudgeNet` (default: the shipped one)
+                     ) -> dict:
+    "How often the judge and the outline call `images` creatures, and how often they agree."
+    outline = [shows_ears(im, parse_caption(p)['colour'], parse_caption(p)['background']) for im, p in zip(images, prompts)]
+    judged = [v['shape'][0] == HELD_OUT for v in judge(images, net)]
+    return dict(outline=float(np.mean(outline)), judge=float(np.mean(judged)),
+                agree=float(np.mean([a == b for a, b in zip(outline, judged)])))
