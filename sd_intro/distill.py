@@ -272,6 +272,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     ckpt_every: int = 25         # steps between checkpoints
     seed: int = 0
+    init_lora: str = ''          # an LCM-LoRA folder to continue from (its weights start the student); '': a fresh adapter
 
     def check(self):
         "A clear error for each setting out of range, before anything is written."
@@ -289,19 +290,27 @@ class DistillConfig:
                              f"3 to 8 bakes in scales 4 to 9)")
         if not _real(self.anchor) or self.anchor < 0:   # (`_real` refuses NaN and infinity)
             raise ValueError(f"anchor={self.anchor!r}: use a number of 0 or more (0 turns the one-step anchor off)")
+        if self.init_lora and not (Path(self.init_lora).expanduser() / LCM_WEIGHTS).is_file():
+            raise FileNotFoundError(f"init_lora={self.init_lora!r} holds no {LCM_WEIGHTS}: pass a folder written by `distill`, or '' for a fresh adapter")
         if self.loss_type not in ('huber', 'l2'): raise ValueError(f"loss_type={self.loss_type!r}: use 'huber' or 'l2'")
         if 1000 % self.num_ddim_timesteps: raise ValueError(
             f"num_ddim_timesteps={self.num_ddim_timesteps}: use a divisor of the 1000 training timesteps (50 is usual)")
         return self
 
 # %% ../nbs/07_few_steps.ipynb #b34ad1f7
-def _student(unet, rank, seed):
-    "A copy of `unet` with a fresh LCM-LoRA adapter (seeded); only the adapter trains."
-    from peft import LoraConfig
+def _student(unet, rank, seed, init_lora=''):
+    "A copy of `unet` with an LCM-LoRA adapter, fresh (seeded) or read from `init_lora`'s weights; only the adapter trains."
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
     s = copy.deepcopy(unet).requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         s.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights='gaussian', target_modules=list(LCM_LORA_TARGETS)))
+    if init_lora:
+        sd = {k.removeprefix('unet.'): v for k, v in load_file(Path(init_lora).expanduser() / LCM_WEIGHTS).items()}
+        res = set_peft_model_state_dict(s, sd)
+        if getattr(res, 'unexpected_keys', None): raise ValueError(
+            f"init_lora={init_lora!r}: weights that fit no LoRA layer of rank {rank} ({res.unexpected_keys[:3]}...): pass the rank it was made with")
     return s
 
 def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapter
@@ -347,7 +356,7 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     fingerprint = model_fingerprint(model) if model is None or isinstance(model, (str, os.PathLike)) else 'unknown'
     tok, te, vae, sch = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler
     teacher = copy.deepcopy(pipe.unet).to(device).eval().requires_grad_(False)
-    student = _student(pipe.unet, cfg.rank, cfg.seed).to(device)
+    student = _student(pipe.unet, cfg.rank, cfg.seed, cfg.init_lora).to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, max(1, cfg.steps // 20), cfg.steps)

@@ -19,7 +19,7 @@ from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'CREATURE_SCENE', 'UNSEEN_PAIRS',
-           'LORA_TARGETS', 'METHODS', 'RUN_FIELDS', 'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder',
+           'LORA_TARGETS', 'METHODS', 'RUN_FIELDS', 'CREATURE_LORA', 'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder',
            'CaptionedImages', 'load_captioned', 'write_shapes_folder', 'prepare_image', 'batch_indices',
            'training_batch', 'trainable_unet', 'FinetuneConfig', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint',
            'save_checkpoint', 'load_checkpoint', 'render_validation', 'validation_grid', 'FinetuneResult',
@@ -879,6 +879,8 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
                           seconds=seconds, step=stop, main_process=acc.is_main_process)
 
 # %% ../nbs/05_finetuning.ipynb #46e4384c
+CREATURE_LORA = Path(__file__).parent / 'models' / 'shapes-creature-lora'   # the longer run's LoRA, shipped (recipe 'shapes-creature')
+
 def creature_prompts(n: int = 32, seed: int = 0, shape: str = HELD_OUT,
                      size: str = '',     # a size word ('large', 'small') or none
                      pairs=UNSEEN_PAIRS  # (colour, background) pairs to draw from (default: those no training picture shows)

@@ -19,7 +19,7 @@ from .shapes import COLOURS, HELD_OUT
 # %% auto #0
 __all__ = ['token_rows', 'encode_by_hand', 'one_token', 'swap_word', 'images_to_latents', 'latents_to_images', 'Parts',
            'load_parts', 'text_embeddings', 'sample_parts', 'colour_loss', 'LossGuidance', 'add_token', 'Inversion',
-           'textual_inversion', 'save_learned_embeds', 'images_only']
+           'textual_inversion', 'save_learned_embeds', 'fit_conditioning', 'images_only']
 
 # %% ../nbs/06_inside.ipynb #824872cc
 def token_rows(tokenizer,   # the pipeline's tokenizer (`pipe.tokenizer`)
@@ -304,6 +304,36 @@ def save_learned_embeds(inv: Inversion,          # what `textual_inversion` retu
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+# %% ../nbs/06_inside.ipynb #b497e76f
+def fit_conditioning(parts,            # `Parts` (or a pipeline): its UNet stays frozen
+                     images,           # the pictures to fit (PIL, the model's size)
+                     prompt: str,      # where the conditioning starts: this prompt's encoder output
+                     steps: int = 40,  # optimiser steps
+                     batch_size: int = 16,
+                     lr: float = 3e-2,
+                     seed: int = 0
+                    ) -> torch.Tensor:
+    "The text-encoder output (1 x length x width) that best lets the frozen UNet denoise `images`: all of it trained, no text."
+    from sd_intro.embedded import diffusion_loss
+    for k, v in (('steps', steps), ('batch_size', batch_size)):
+        if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
+    if not _real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 3e-2")
+    images = list(images)
+    if not images: raise ValueError("images is empty: pass the pictures to fit")
+    latents = images_to_latents(parts.vae, images)
+    cond = text_embeddings(parts, [prompt]).detach().clone().requires_grad_(True)
+    opt, g = torch.optim.AdamW([cond], lr=lr, weight_decay=0), torch.Generator().manual_seed(seed)
+    frozen = [p.requires_grad for p in parts.unet.parameters()]
+    parts.unet.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            i = torch.randint(0, len(latents), (batch_size,), generator=g)
+            loss = diffusion_loss(parts.unet, parts.scheduler, latents[i], cond.expand(batch_size, -1, -1), g)
+            opt.zero_grad(); loss.backward(); opt.step()
+    finally:
+        for p, r in zip(parts.unet.parameters(), frozen): p.requires_grad_(r)
+    return cond.detach()
 
 # %% ../nbs/06_inside.ipynb #a22af25c
 def images_only(src: str | os.PathLike, # an imagefolder (pictures and metadata.jsonl)
