@@ -866,16 +866,26 @@ def parse_parameters(text: str) -> dict:
 
 # %% ../nbs/00_core.ipynb #4afd0902
 @contextmanager
-def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if it exists)
+def atomic_dir(dest: str | os.PathLike, # the folder to write (replaced whole if it exists)
+               keep_others: bool = False # keep what an existing `dest` holds that the block did not write (a model card, notes)
               ):
     "Yield a temporary folder beside `dest`; if the block succeeds it replaces `dest`, if it fails it is removed."
     dest = Path(dest); tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
         yield tmp
-        if dest.exists(): shutil.rmtree(dest)
+        if keep_others and dest.is_dir():
+            for e in dest.iterdir():
+                if (tmp / e.name).exists() or (tmp / e.name).is_symlink(): continue
+                if e.is_dir() and not e.is_symlink(): shutil.copytree(e, tmp / e.name, symlinks=True)
+                else: shutil.copy2(e, tmp / e.name, follow_symlinks=False)
+        if dest.exists():   # set aside, not deleted, until the new one is in place: a kill in between loses nothing
+            if old.exists(): shutil.rmtree(old)
+            os.replace(dest, old)
         os.replace(tmp, dest)
+        if old.exists(): shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -904,7 +914,7 @@ def save_pipeline(pipe,                     # a Stable Diffusion pipeline
                  ) -> Path:
     "`pipe.save_pretrained(folder)` in safetensors, whole or not at all, with the CLIP text encoder under its classic weight names."
     from safetensors.torch import load_file, save_file
-    with quiet_loading(), atomic_dir(folder) as tmp:
+    with quiet_loading(), atomic_dir(folder, keep_others=True) as tmp:   # a model card or notes beside it stay
         pipe.save_pretrained(tmp, safe_serialization=True)
         f = tmp / 'text_encoder' / 'model.safetensors'
         if f.is_file() and type(getattr(pipe, 'text_encoder', None)).__name__ == 'CLIPTextModel':
