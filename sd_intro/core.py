@@ -18,13 +18,14 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
-           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'image_grid', 'default_device',
-           'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading', 'load_pipeline', 'load_lora', 'generators',
-           'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler',
-           'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call',
-           'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote', 'format_parameters',
-           'parse_parameters', 'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'read_settings', 'replaying',
-           'replay']
+           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'EXTRA_FIELDS', 'MAX_AREA',
+           'image_grid', 'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
+           'loading_error', 'load_pipeline', 'load_lora', 'lora_record', 'generators', 'seeds_for', 'split_sampler',
+           'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler', 'hooked_step', 'check_guidance',
+           'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation', 'pipe_defaults',
+           'prompts_for', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings', 'pipe_lock', 'generate', 'quote',
+           'format_parameters', 'parse_parameters', 'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image',
+           'exif_parameters', 'read_settings', 'replaying', 'check_record', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def _font(size: int):
@@ -117,6 +118,23 @@ def default_device() -> str:
     if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return 'mps'
     return 'cpu'
 
+def check_device(device: str | torch.device | None = None # 'cuda', 'cuda:1', 'mps', 'cpu', or None for `default_device()`
+                ) -> str:
+    "`device` as a string, after checking that this torch can run there; a clear error naming the fix otherwise."
+    device = str(device or default_device())
+    try: dev = torch.device(device)
+    except RuntimeError: raise ValueError(f"device={device!r} is not a torch device: use 'cuda', 'cuda:1', 'mps' or "
+                                          f"'cpu', or None for `default_device()`") from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU (torch.cuda.is_available() is False; "
+                         f"torch {torch.__version__}): use device='cpu', or None for `default_device()`")
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                         f"from 0: use device='cuda' or 'cuda:0'")
+    if dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r}, but MPS is not available here: use device='cpu', or None")
+    return device
+
 # %% ../nbs/00_core.ipynb #96107015
 _DTYPES = {'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16, 'float32': torch.float32,
            'fp32': torch.float32, 'float': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
@@ -208,9 +226,20 @@ def _pipeline_class(kind):
     return {'txt2img': StableDiffusionPipeline, 'img2img': StableDiffusionImg2ImgPipeline,
             'inpaint': StableDiffusionInpaintPipeline}[kind]
 
-def _missing_model_error(model, err):
+def loading_error(model: str,     # the model that failed to load (a folder or a Hub id)
+                  err: Exception   # what the loader raised
+                 ) -> Exception:
+    "The error to raise for a model that failed to load: it names the folder, the part missing or broken, and the fix."
+    model = str(model)
     local = Path(model).expanduser()
     if (local / 'model_index.json').is_file():   # a pipeline folder, but something in it is broken
+        try: listed = [k for k, v in json.loads((local / 'model_index.json').read_text()).items()
+                       if not k.startswith('_') and isinstance(v, list) and v[0] is not None]
+        except (OSError, ValueError, AttributeError, IndexError): listed = []
+        gone = [k for k in listed if not (local / k).is_dir()]
+        if gone: return FileNotFoundError(
+            f"model={model!r}: the pipeline folder has no {', '.join(k + '/' for k in gone)} folder, which "
+            f"model_index.json lists: copy the whole folder again (e.g. `save_pretrained` or `huggingface-cli download`)")
         return OSError(f"model={model!r}: the pipeline folder is there but could not be loaded: {type(err).__name__}: "
                        f"{err}. Check that every component folder model_index.json lists is complete; save it again "
                        f"with `save_pretrained` or download it again.")
@@ -263,18 +292,11 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
             kw['requires_safety_checker'] = model.config.get('requires_safety_checker', kw.get('safety_checker') is not None)
         pipe = cls(**kw)
         pipe.sd_intro_model = getattr(model, 'sd_intro_model', model.config.get('_name_or_path', ''))
+        pipe.sd_intro_extras = pipe_extras(model)   # the same UNet: the same LoRA (LCM, ...) on it
         pipe.set_progress_bar_config(**getattr(model, '_progress_bar_config', {}))
         return pipe
     model = resolve_model(model)
-    device, dtype = choose_dtype(device, dtype)
-    try: dev = torch.device(device)
-    except RuntimeError: raise ValueError(f"device={device!r} is not a torch device: use 'cuda', 'cuda:1', 'mps' or "
-                                          f"'cpu', or None for `default_device()`") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU (torch.cuda.is_available() is False; "
-                         f"torch {torch.__version__}): use device='cpu', or None for `default_device()`")
-    if dev.type == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r}, but MPS is not available here: use device='cpu', or None")
+    device, dtype = choose_dtype(check_device(device), dtype)
     key = (model, device, dtype)
     if key in _LOADED and not kwargs:   # a fresh copy of the pristine one: nothing done to an earlier pipeline leaks in
         pipe = load_pipeline(copy.deepcopy(_LOADED[key]), kind).to(device)
@@ -293,7 +315,7 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
             if 'safetensors' in str(e) and Path(model).is_dir() and any(Path(model).glob('*/*.bin')):
                 raise ValueError(f"model={model!r} has only pickled .bin weights; sd_intro loads safetensors only. Convert "
                                  f"them (load once and `save_pretrained(..., safe_serialization=True)`).") from e
-            raise _missing_model_error(model, e) from e
+            raise loading_error(model, e) from e
         pipe.sd_intro_model = EMBEDDED_NAME if model == EMBEDDED_MODEL else model
         if not kwargs: _LOADED[key] = copy.deepcopy(pipe)   # still on the CPU, as loaded
         pipe = pipe.to(device)
@@ -315,20 +337,39 @@ def load_lora(pipe,              # a loaded Stable Diffusion pipeline (the LoRA 
               lora,              # a folder or file written by `save_lora_weights`, a Hub id, or a state dict
               **kwargs           # `load_lora_weights`' weight_name=, adapter_name=, ...
              ):
-    "`pipe.load_lora_weights(lora, **kwargs)` without diffusers' note that a UNet-only LoRA has no text-encoder weights; returns `pipe`."
+    "`pipe.load_lora_weights(lora, **kwargs)` without diffusers' note that a UNet-only LoRA has no text-encoder weights; pictures then record it ('Lora hashes'); returns `pipe`."
+    record = 'state dict'
     if isinstance(lora, (str, os.PathLike)):
         local = Path(lora).expanduser()
         if not local.exists() and (local.is_absolute() or str(lora).startswith(('.', '~')) or str(lora).count('/') != 1):
             raise FileNotFoundError(f"lora={str(lora)!r}: no such file or folder; pass a folder written by "
                                     f"`save_lora_weights` (e.g. a fine-tune's out/lora), its .safetensors file, or a Hub id")
-        if local.exists(): lora = str(local)
+        record = str(lora)
+        if local.exists(): lora, record = str(local), lora_record(local, kwargs.get('weight_name'))
     quiet = _NoTextEncoderLoraNote()
     loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split('.')[0] == 'diffusers']
     for lg in loggers: lg.addFilter(quiet)   # where the note is made, so no handler anywhere prints it
     try: pipe.load_lora_weights(lora, **kwargs)
     finally:
         for lg in loggers: lg.removeFilter(quiet)
-    return pipe
+    return add_extra(pipe, Extra('Lora hashes', record))
+
+def lora_record(lora: str | os.PathLike,   # a LoRA folder or .safetensors file
+                weight_name: str | None = None # the weights' file name in the folder (default: its one .safetensors)
+               ) -> str:
+    "How pictures name a local LoRA, as the web UI's 'Lora hashes' do: 'name: hash' (the first 12 hex digits of the file's SHA-256)."
+    import hashlib
+    p = Path(lora).expanduser()
+    f = p / weight_name if weight_name else p
+    if p.is_dir() and not weight_name:
+        found = sorted(p.glob('*.safetensors'))
+        f = found[0] if len(found) == 1 else p / 'pytorch_lora_weights.safetensors'
+    name = p.name if p.is_dir() else p.stem
+    if not f.is_file(): return name
+    h = hashlib.sha256()
+    with open(f, 'rb') as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b''): h.update(chunk)
+    return f"{name}: {h.hexdigest()[:12]}"
 
 # %% ../nbs/00_core.ipynb #09b1702f
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -452,6 +493,11 @@ def make_scheduler(sampler: str,                # a sampler name (ours or the we
                   ):
     "A scheduler for `sampler` (and `schedule_type`) built from `config`: 'DPM++ 2M SDE Karras' is DPM-Solver++ in its SDE form on Karras sigmas."
     cls, over = scheduler_spec(sampler, schedule_type)
+    now = _scheduler_class(str(dict(config).get('_class_name', '')))
+    family = lambda c: {c.__name__, *getattr(c, '_compatibles', [])} if c is not None else set()
+    if now is not None and cls is not now and not family(now) & family(cls) and cls.__name__ != 'LCMScheduler':
+        raise ValueError(f"sampler={sampler!r} ({cls.__name__}) does not work with this pipeline's {now.__name__}: it "
+                         f"samples another kind of model (e.g. a flow-matching one). Use one of {list(A1111_SAMPLERS)}")
     try: return cls.from_config(config, **over)
     except ImportError as e: raise ValueError(f"sampler={sampler!r} needs a package that is not installed: {e}") from None
 
@@ -552,6 +598,11 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         raise TypeError(f"negative_prompt={negative_prompt!r}: pass a str (it applies to every image), a list of str "
                         f"(one per prompt), or None")
     check_steps(num_inference_steps, pipe)
+    layers = getattr(getattr(getattr(pipe, 'text_encoder', None), 'config', None), 'num_hidden_layers', None)
+    cs = kwargs.get('clip_skip')
+    if cs is not None and not (_whole(cs) and 0 <= cs < (layers or cs + 1)): raise ValueError(
+        f"clip_skip={cs!r}: use a whole number of layers to skip, from 0" + (f" to {layers - 1} (this text encoder has "
+        f"{layers} layers)" if layers else '') + "; the web UI's 'Clip skip' is one more than this")
     if kwargs.get('clip_skip') and getattr(pipe, 'text_encoder', None) is not None \
             and not hasattr(pipe.text_encoder, 'text_model') and hasattr(pipe.text_encoder, 'final_layer_norm'):
         # diffusers applies clip_skip through `text_encoder.text_model.final_layer_norm`; transformers 5's CLIPTextModel
@@ -638,15 +689,61 @@ def prompts_for(prompt: str | Sequence[str], # one prompt, or one per image
         f"{len(prompts)} prompts: one generate call makes its images in one batch, at most {MAX_IMAGES}; split the list")
     return prompts
 
+# What is loaded onto a pipeline beyond its model (a LoRA, an LCM-LoRA; a ControlNet is added the same way): each is an
+# `Extra` with the settings field that names it. `generate` records every extra's field in each picture's settings and
+# runs its check first; `replaying` warns when a record names extras the pipeline lacks (or the other way round).
+# A new kind of extra: an entry in EXTRA_FIELDS (its field and how to load it) and `add_extra` where it is loaded.
+EXTRA_FIELDS = {'Lora hashes': "load the LoRA first: load_lora(pipe, FOLDER); for an LCM-LoRA, "
+                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)"}
+
+@dataclass
+class Extra:
+    "Something loaded onto a pipeline beyond its model: the settings field and value that record it, and what it checks."
+    field: str                 # the settings field naming it, as the web UI writes it (a key of `EXTRA_FIELDS`)
+    value: str                 # what the field says, e.g. 'shapes-lcm-lora: 3f2a1c9b0d4e' (name: hash)
+    check: Any = None          # check(pipe, num_inference_steps, guidance_scale, negative_prompt): refuse or warn before a run
+    guides: bool = False       # its check judges the guidance scale (generate's own advice would be wrong, e.g. for an LCM)
+
+def pipe_extras(pipe) -> list[Extra]:
+    "The extras loaded onto `pipe` (`add_extra`), oldest first."
+    return list(getattr(pipe, 'sd_intro_extras', None) or [])
+
+def add_extra(pipe, extra: Extra):
+    "Record `extra` on `pipe` (replacing one with the same field and value): pictures name it, `generate` runs its check, `replay` compares it."
+    if extra.field not in EXTRA_FIELDS: raise ValueError(f"extra field {extra.field!r} is not one of {list(EXTRA_FIELDS)}; "
+                                                         f"add it to sd_intro.core.EXTRA_FIELDS with how to load it")
+    pipe.sd_intro_extras = [e for e in pipe_extras(pipe) if (e.field, e.value) != (extra.field, extra.value)] + [extra]
+    return pipe
+
+def extra_settings(pipe) -> dict[str, str]:
+    "The settings fields `pipe`'s extras add to each picture's record: {field: value}, several values of one field joined by ', '."
+    out = {}
+    for e in pipe_extras(pipe): out[e.field] = f"{out[e.field]}, {e.value}" if e.field in out else e.value
+    return out
+
 _LOCKS, _LOCKS_LOCK = weakref.WeakKeyDictionary(), threading.Lock()
 
-def pipe_lock(pipe) -> threading.RLock:
-    "The lock `generate` and `replaying` hold while they use `pipe` (shared by pipelines that share its UNet and scheduler)."
-    key = getattr(pipe, 'unet', None)
-    if key is None: key = pipe
+class _Locks:
+    "Several re-entrant locks taken together, always in one order (so two threads never each hold one the other waits for)."
+    def __init__(self, locks): self.locks = sorted({id(l): l for l in locks}.values(), key=id)
+    def acquire(self):
+        for l in self.locks: l.acquire()
+        return True
+    def release(self):
+        for l in reversed(self.locks): l.release()
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+
+def pipe_lock(pipe) -> _Locks:
+    "The lock `generate` and `replaying` hold while they use `pipe`: one per UNet, scheduler and ControlNet, so pipelines that share any of them wait for each other."
+    keys = [getattr(pipe, k, None) for k in ('unet', 'scheduler', 'controlnet')]
+    keys = [k for k in keys if k is not None] or [pipe]
+    locks = []
     with _LOCKS_LOCK:
-        try: return _LOCKS.setdefault(key, threading.RLock())
-        except TypeError: return threading.RLock()   # an object that takes no weak reference: nothing shared to guard
+        for k in keys:
+            try: locks.append(_LOCKS.setdefault(k, threading.RLock()))
+            except TypeError: pass   # an object that takes no weak reference: nothing shared to guard
+    return _Locks(locks)
 
 def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
              prompt: str | Sequence[str], # one prompt, or one per image
@@ -660,7 +757,10 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
     "Run `pipe` with one CPU generator per image and return the images with the settings that made each."
     prompts = prompts_for(prompt, n, seed)
     kwargs = check_call(pipe, prompts, negative_prompt, num_inference_steps, kwargs)
-    check_guidance(guidance_scale, negative_prompt)
+    extras = pipe_extras(pipe)
+    for e in extras:   # e.g. an LCM refuses steps and warns on guidance outside the range it was distilled for
+        if e.check is not None: e.check(pipe, num_inference_steps, guidance_scale, negative_prompt)
+    if not any(e.guides for e in extras): check_guidance(guidance_scale, negative_prompt)
     seeds = seeds_for(seed, len(prompts))
     d = pipe_defaults(pipe)
     if 'image' not in kwargs:  # img2img takes its size from the starting image
@@ -683,6 +783,7 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
                   guidance_scale=guidance_scale, width=w, height=h,
                   sampler=sampler_name(pipe.scheduler),
                   model=d['model'], nsfw=bool(f))
+        if extras: st['extras'] = extra_settings(pipe)   # which LoRA (ControlNet, ...) made it
         if 'strength' in kwargs: st['strength'] = kwargs['strength']
         if 'mask_image' in kwargs:   # inpainting: which mask (the PNG cannot hold it), and its crop padding
             from sd_intro.inpainting import mask_id
@@ -706,14 +807,14 @@ def format_parameters(s: dict) -> str:
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
           ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
           ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
-    kv += list((s.get('extra') or {}).items())
+    kv += list((s.get('extras') or {}).items()) + list((s.get('extra') or {}).items())
     params = ', '.join(f"{k}: {quote(v)}" for k, v in kv if v is not None and v != '')
     neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get('negative_prompt') else ''
     return f"{s.get('prompt', '')}{neg}\n{params}".strip()
 
 # %% ../nbs/00_core.ipynb #6e874c73
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')   # the web UI's own pattern
-_INFO_ONLY = ('Model hash', 'VAE hash', 'Version', 'Hashes', 'Lora hashes', 'TI hashes')   # say which, change nothing
+_INFO_ONLY = ('Model hash', 'VAE hash', 'Version', 'Hashes', 'TI hashes')   # say which, change nothing
 
 def _unquote(v: str) -> str:
     if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
@@ -758,22 +859,33 @@ def parse_parameters(text: str) -> dict:
         elif k == 'Clip skip': s['clip_skip'] = _number(k, v)
         elif k == 'Mask': s['mask'] = v
         elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
+        elif k in EXTRA_FIELDS: s.setdefault('extras', {})[k] = v   # what was loaded onto the pipeline (a LoRA, ...)
         else: extra[k] = v
     if extra: s['extra'] = extra
     return s
 
 # %% ../nbs/00_core.ipynb #4afd0902
 @contextmanager
-def atomic_dir(dest: str | os.PathLike # the folder to write (replaced whole if it exists)
+def atomic_dir(dest: str | os.PathLike, # the folder to write (replaced whole if it exists)
+               keep_others: bool = False # keep what an existing `dest` holds that the block did not write (a model card, notes)
               ):
     "Yield a temporary folder beside `dest`; if the block succeeds it replaces `dest`, if it fails it is removed."
     dest = Path(dest); tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
     if tmp.exists(): shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
         yield tmp
-        if dest.exists(): shutil.rmtree(dest)
+        if keep_others and dest.is_dir():
+            for e in dest.iterdir():
+                if (tmp / e.name).exists() or (tmp / e.name).is_symlink(): continue
+                if e.is_dir() and not e.is_symlink(): shutil.copytree(e, tmp / e.name, symlinks=True)
+                else: shutil.copy2(e, tmp / e.name, follow_symlinks=False)
+        if dest.exists():   # set aside, not deleted, until the new one is in place: a kill in between loses nothing
+            if old.exists(): shutil.rmtree(old)
+            os.replace(dest, old)
         os.replace(tmp, dest)
+        if old.exists(): shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -802,7 +914,7 @@ def save_pipeline(pipe,                     # a Stable Diffusion pipeline
                  ) -> Path:
     "`pipe.save_pretrained(folder)` in safetensors, whole or not at all, with the CLIP text encoder under its classic weight names."
     from safetensors.torch import load_file, save_file
-    with quiet_loading(), atomic_dir(folder) as tmp:
+    with quiet_loading(), atomic_dir(folder, keep_others=True) as tmp:   # a model card or notes beside it stay
         pipe.save_pretrained(tmp, safe_serialization=True)
         f = tmp / 'text_encoder' / 'model.safetensors'
         if f.is_file() and type(getattr(pipe, 'text_encoder', None)).__name__ == 'CLIPTextModel':
@@ -850,8 +962,25 @@ def _exact_prompts(text: str, chunk) -> dict:
     head = p['prompt'] + (f"\nNegative prompt: {p['negative_prompt']}" if p['negative_prompt'] else '')
     return p if _params_line(last) and (head + '\n' + last).strip() == text else {}
 
+def exif_parameters(src: str | os.PathLike | Image.Image) -> str | None:
+    "The settings text the web UI keeps in a JPEG's or WebP's EXIF UserComment, or None where there is none."
+    def read(img):
+        try: return img.getexif().get_ifd(0x8769).get(0x9286)   # the Exif IFD's UserComment
+        except Exception: return None
+    if isinstance(src, Image.Image): raw = read(src)
+    else:
+        with Image.open(Path(src).expanduser()) as img: raw = read(img)
+    if isinstance(raw, str): return raw.strip('\0') or None
+    if not isinstance(raw, (bytes, bytearray)) or not raw: return None
+    head, body = bytes(raw[:8]), bytes(raw[8:])
+    if head == b'UNICODE\0':   # UTF-16; big-endian as the web UI (piexif) writes it, little-endian from some tools
+        text = body.decode('utf-16-le' if body[1:2] == b'\0' and body[:1] != b'\0' else 'utf-16-be', errors='replace')
+    elif head in (b'ASCII\0\0\0', b'\0' * 8): text = body.decode('utf-8', errors='replace')
+    else: text = bytes(raw).decode('utf-8', errors='replace')
+    return text.strip('\0') or None
+
 def read_settings(src: str | os.PathLike | Image.Image) -> dict:
-    "The settings stored in a PNG by `save_image` or by the AUTOMATIC1111 web UI."
+    "The settings stored in a PNG by `save_image` or by the AUTOMATIC1111 web UI (PNG text, or EXIF in its JPEGs and WebPs)."
     if isinstance(src, Image.Image): info = src.info
     else:
         p = Path(src).expanduser()
@@ -863,7 +992,9 @@ def read_settings(src: str | os.PathLike | Image.Image) -> dict:
             raise ValueError(f"read_settings: {str(src)!r} is not an image ({type(e).__name__}); pass a PNG written "
                              f"by `save_image` or the AUTOMATIC1111 web UI") from None
     text = info.get('parameters')
-    if text is None: raise ValueError(f"{getattr(src, 'filename', None) or src!r} has no 'parameters' text chunk: it was not saved with its settings")
+    if text is None: text = exif_parameters(src if isinstance(src, Image.Image) else p)
+    if text is None: raise ValueError(f"{getattr(src, 'filename', None) or src!r} has no 'parameters' text chunk (PNG) or "
+                                      f"EXIF UserComment (JPEG, WebP): it was not saved with its settings")
     s = parse_parameters(text)
     s.update(_exact_prompts(text, info.get('sd_intro')))
     return s
@@ -879,6 +1010,13 @@ def replaying(pipe,            # the pipeline that will replay
     key = lambda m: Path(EMBEDDED_MODEL if str(m) == EMBEDDED_NAME else str(m)).name  # older records hold the path
     if settings.get('model') and key(settings['model']) != key(model):
         warnings.warn(f"{what} were made with model {settings['model']!r}; replaying on {model!r} gives other pictures.")
+    norm = lambda v: sorted(x.strip() for x in str(v).split(', ')) if v else []
+    made, have = settings.get('extras') or {}, extra_settings(pipe)
+    for f in sorted(set(made) | set(have), key=lambda f: (f not in EXTRA_FIELDS, f)):
+        if norm(made.get(f)) != norm(have.get(f)): warnings.warn(
+            f"{what} were made with {f}: {made.get(f) or 'none'}, and this pipeline has {have.get(f) or 'none'}, so the "
+            f"picture will differ" + (f"; {EXTRA_FIELDS.get(f, 'load it first')}" if made.get(f) else
+                                      "; replay on a pipeline without it"))
     name, schedule = settings.get('sampler') or '', settings.get('schedule_type')
     for k, v in (('sampler', name), ('schedule_type', schedule)):
         if v is not None and not isinstance(v, str): raise TypeError(f"{what}: {k}={v!r} is not a name")
@@ -889,6 +1027,33 @@ def replaying(pipe,            # the pipeline that will replay
         finally: pipe.scheduler = old
 
 # %% ../nbs/00_core.ipynb #2d33d6d4
+MAX_AREA = 16   # a record's Size may be at most this many times the model's training area (more: minutes of repeated shapes)
+
+def check_record(s: dict, # settings, as `read_settings` gives them
+                 pipe     # the pipeline that would replay them
+                ):
+    "A clear error, naming the field as the record writes it, for each value out of the range `pipe` can replay."
+    def bad(field, v, fix): raise ValueError(f"replay: the record's '{field}: {v}' {fix}; correct it in the settings "
+                                             f"(a dict: replay(dict(settings, ...), pipe))")
+    top = pipe.scheduler.config.get('num_train_timesteps', 1000)
+    if 'steps' in s and not (_whole(s['steps']) and 1 <= s['steps'] <= top): bad('Steps', s['steps'], f"is not from 1 to {top}")
+    g = s.get('guidance_scale', 7.5)
+    if not (_real(g) and 0 <= g <= 100): bad('CFG scale', g, "is not a number from 0 to 100 (7.5 is usual)")
+    if 'strength' in s and not (_real(s['strength']) and 0 < s['strength'] <= 1):
+        bad('Denoising strength', s['strength'], "is not above 0 and at most 1")
+    d = pipe_defaults(pipe)
+    w, h = s.get('width', d['width']), s.get('height', d['height'])
+    if not all(_whole(v) and 8 <= v <= 4096 and v % 8 == 0 for v in (w, h)):
+        bad('Size', f"{w}x{h}", "is not two multiples of 8 from 8 to 4096")
+    if w * h > MAX_AREA * d['width'] * d['height']: bad('Size', f"{w}x{h}",
+        f"is {w * h / (d['width'] * d['height']):.0f} times the area this model was trained at ({d['width']}x{d['height']}); "
+        f"it would run for minutes and draw repeated shapes; at most {MAX_AREA} times is replayed")
+    layers = getattr(getattr(getattr(pipe, 'text_encoder', None), 'config', None), 'num_hidden_layers', None)
+    cs = s.get('clip_skip', 1)
+    if not (_whole(cs) and 1 <= cs <= (layers or cs)):
+        bad('Clip skip', cs, f"is not from 1 (the last layer) to {layers}, the layers of this text encoder" if layers else
+            "is not a whole number from 1 (the last layer)")
+
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
            pipe,                                         # the pipeline to run (its scheduler is swapped if needed)
            image=None,                                   # img2img and inpainting: the starting picture (not in the PNG)
@@ -917,10 +1082,8 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
         if 'mask' in s and mask_id(check_mask(mask_image)) != s['mask']: warnings.warn(
             f"replay: mask_image is not the mask these settings were made with ({s['mask']}), so the picture will differ")
         kw['mask_image'] = mask_image
-    if s.get('clip_skip', 1) != 1:
-        if not _whole(s['clip_skip']) or s['clip_skip'] < 1: raise ValueError(
-            f"replay: Clip skip {s['clip_skip']!r}: the web UI counts from 1 (the last layer)")
-        kw['clip_skip'] = s['clip_skip'] - 1   # diffusers counts the layers skipped
+    check_record(s, pipe)
+    if s.get('clip_skip', 1) != 1: kw['clip_skip'] = s['clip_skip'] - 1   # diffusers counts the layers skipped
     extra = s.get('extra') or {}
     unused = ', '.join(f"{k}: {v}" for k, v in extra.items() if k not in _INFO_ONLY)
     if unused: warnings.warn(f"replay: the settings hold web-UI fields that sd_intro does not apply: {unused}" + (

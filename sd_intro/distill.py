@@ -11,16 +11,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 import sd_intro
-from .core import load_pipeline, generate, image_grid, atomic_dir, make_scheduler, Generation, _real, _whole
+from .core import (load_pipeline, generate, image_grid, atomic_dir, make_scheduler, Generation, check_device, Extra,
+                   add_extra, pipe_extras, load_lora, _real, _whole)
 from .pipelines import x0_from_prediction
-from .embedded import cache_latents, encode_text, judged_quality, negative_prompt_effect
+from .embedded import cached_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
 from .finetune import model_fingerprint
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
-           'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'lcm_info', 'lcm_pipeline', 'is_lcm',
-           'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'DistillConfig',
+           'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'lcm_info', 'lcm_pipeline', 'check_lcm_lora',
+           'is_lcm', 'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'DistillConfig',
            'save_lcm_lora', 'distill', 'main']
 
 # %% ../nbs/07_few_steps.ipynb #1cf2cbb6
@@ -156,15 +157,38 @@ def lcm_pipeline(model=None,                       # the base model, as `load_pi
     if not local.is_dir() and (local.is_absolute() or str(lora).startswith('.') or str(lora).count('/') != 1):
         raise FileNotFoundError(f"lora={str(lora)!r}: no such folder; pass a folder written by `distill` (or "
                                 f"`python -m sd_intro.distill --out FOLDER`), or a Hub id such as latent-consistency/lcm-lora-sdv1-5")
+    if local.is_dir(): check_lcm_lora(local, weight_name)
     info = lcm_info(local)
     pipe.register_modules(unet=copy.deepcopy(base.unet),
                           scheduler=LCMScheduler.from_config(base.scheduler.config,
                                                              original_inference_steps=info['num_ddim_timesteps']))
-    from sd_intro.core import load_lora   # (load_lora_weights without its note that the LoRA holds no text-encoder weights)
+    # (load_lora: load_lora_weights without its note that the LoRA holds no text-encoder weights; pictures record it)
     load_lora(pipe, str(local) if local.is_dir() else lora, weight_name=weight_name, adapter_name='lcm')
     if fuse: pipe.fuse_lora()
     pipe.sd_intro_lcm = info
-    return pipe
+    # `generate` on this pipeline checks steps and guidance as `lcm_generate` does; its pictures name the LCM-LoRA
+    return add_extra(pipe, Extra('Lora hashes', pipe_extras(pipe)[-1].value, check=check_lcm, guides=True))
+
+def check_lcm_lora(lora: str | os.PathLike,    # a local LoRA folder
+                   weight_name: str = LCM_WEIGHTS # the weights' file name in it
+                  ):
+    "A clear error unless `lora` holds an LCM-LoRA: one `distill` wrote (with its distill.json), or one that adapts the convolutions and time embeddings as LCM-LoRAs do."
+    from safetensors import safe_open
+    folder = Path(lora).expanduser()
+    f = folder / weight_name
+    if not f.is_file():
+        found = sorted(p.name for p in folder.glob('*.safetensors'))
+        raise FileNotFoundError(f"lora={str(lora)!r} has no {weight_name}" + (f"; it holds {found}: pass weight_name="
+                                f"{found[0]!r}" if found else "; pass a folder written by `distill`"))
+    if (folder / LCM_INFO).is_file(): return
+    try:
+        with safe_open(str(f), 'pt') as fh: keys = list(fh.keys())
+    except Exception as e: raise ValueError(f"lora={str(lora)!r}: {weight_name} is not a readable safetensors file "
+                                            f"({type(e).__name__}); distil it again, or download it again") from None
+    if not any('time_emb_proj' in k or '.conv' in k for k in keys): raise ValueError(
+        f"lora={str(lora)!r} is not an LCM-LoRA: it has no {LCM_INFO} and adapts only attention layers, as a fine-tune's "
+        f"LoRA does; an LCM drawn with it in 4 steps is a blur. Load it on the base model with load_lora(pipe, "
+        f"{str(lora)!r}), or pass a folder written by `distill`")
 
 # %% ../nbs/07_few_steps.ipynb #7effbc22
 def is_lcm(pipe) -> bool: return type(getattr(pipe, 'scheduler', None)).__name__ == 'LCMScheduler'
@@ -208,7 +232,8 @@ def lcm_generate(pipe,                         # a latent consistency model (`lc
                  **kwargs                      # `generate`'s other arguments (n=, height=, ...)
                 ) -> Generation:
     "`generate` for a latent consistency model: 1 to 8 steps, guidance baked in; says which arguments it ignores."
-    check_lcm(pipe, num_inference_steps, guidance_scale, negative_prompt)
+    if not any(e.check is check_lcm for e in pipe_extras(pipe)):   # (on a pipeline from `lcm_pipeline`, generate checks)
+        check_lcm(pipe, num_inference_steps, guidance_scale, negative_prompt)
     with warnings.catch_warnings():  # generate's advice for scales <= 1 ("use above 1") is wrong for an LCM
         warnings.filterwarnings('ignore', message='guidance_scale=.* turns classifier-free guidance off')
         return generate(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -323,7 +348,7 @@ def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapt
     meta = {}  # the adapter's rank and targets travel with the weights (diffusers >= 0.34 reads them back)
     if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
         meta['unet_lora_adapter_metadata'] = unet.peft_config['default'].to_dict()
-    with atomic_dir(Path(folder).expanduser()) as tmp:
+    with atomic_dir(Path(folder).expanduser(), keep_others=True) as tmp:   # files of the user's there stay
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
                                                   weight_name=LCM_WEIGHTS, safe_serialization=True, **meta)
         (tmp / LCM_INFO).write_text(json.dumps(info, indent=1) + '\n')
@@ -332,11 +357,36 @@ def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapt
 def _save_atomic(obj, path: Path):
     tmp = path.with_name(path.name + '.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
 
+def _load_state(path: Path, what: str, fix: str, **kw):
+    "A file of tensors, numbers and strings written by `_save_atomic`, loaded without unpickling code; errors name the file and `fix`."
+    import pickle
+    try: return torch.load(path, weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e) and 'weights_only' not in str(e): raise ValueError(
+            f"{path} ({what}) is damaged or cut short (UnpicklingError); {fix}") from None
+        raise ValueError(f"{path} ({what}) holds pickled objects other than tensors, numbers and strings; sd_intro does "
+                         f"not load those (loading them could run any code). It was not written by `distill`: {fix}") from None
+    except Exception as e: raise ValueError(f"{path} ({what}) is damaged or cut short ({type(e).__name__}); {fix}") from None
+
+def _check_resumable(st, run: dict, ck: Path, work: Path, steps: int):
+    "A clear error for a checkpoint made with other settings, or whose step does not agree with its optimizer and schedule (edited, or not this code's)."
+    if not isinstance(st, dict) or not {'lora', 'opt', 'sched', 'step', 'seconds', 'run'} <= set(st):
+        raise ValueError(f"{ck} is not a distillation checkpoint (it lacks {sorted({'lora', 'opt', 'sched', 'step', 'run'} - set(st or {}))}); "
+                         f"delete it to start afresh")
+    diff = {k: (st['run'].get(k), v) for k, v in run.items() if st['run'].get(k) != v}
+    if diff: raise ValueError(f"cannot resume from {ck}: made with other settings {{name: (then, now)}}: {diff}; use "
+                              f"the same settings, or delete {work} to start afresh")
+    step, seen = st['step'], {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
+    if not (_whole(step) and 1 <= step <= steps) or seen != {step} or st['sched'].get('last_epoch') != step:
+        raise ValueError(f"{ck} says step {step!r}, but its optimizer has taken {sorted(seen)} steps and its learning-rate "
+                         f"schedule {st['sched'].get('last_epoch')!r}: the file was edited or mixed from two runs. Delete "
+                         f"it to start afresh (the cached latents in {work} are kept)")
+
 def distill(out: str | os.PathLike,        # the LoRA folder to write (weights + distill.json), whole or not at all
             model=None,                     # the base model, as `load_pipeline` takes it (default: the embedded one)
             work: str | os.PathLike | None = None, # checkpoints and cached latents (default: OUT-work beside OUT)
             device: str = 'cpu',
-            overwrite: bool = False,        # replace an existing `out`
+            overwrite: bool = False,        # replace the LoRA in an existing `out` (other files there are kept)
             log=print,                      # called with each progress line (None: quiet)
             **config                        # fields of `DistillConfig`
            ) -> Path:
@@ -346,11 +396,14 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     bad = set(config) - {f.name for f in fields(DistillConfig)}
     if bad: raise TypeError(f"distill: unknown setting(s) {sorted(bad)}; the settings are {[f.name for f in fields(DistillConfig)]}")
     cfg = DistillConfig(**config).check()
+    device = check_device(device)
     log = log or (lambda *a: None)
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise FileExistsError(f"out={str(out)!r} exists; pass overwrite=True (--overwrite) to replace it, or another folder")
+    if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the LoRA")
     work = Path(work).expanduser() if work else out.with_name(out.name + '-work')
+    if work.resolve() == out.resolve(): raise ValueError(f"work={str(work)!r} is the out folder; leave work=None (OUT-work)")
     work.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model, device='cpu', dtype=torch.float32)
     fingerprint = model_fingerprint(model) if model is None or isinstance(model, (str, os.PathLike)) else 'unknown'
@@ -360,15 +413,14 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, cfg.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, max(1, cfg.steps // 20), cfg.steps)
-    cache = work / f"latents-{fingerprint}-{cfg.n_images}-{cfg.seed}.pt"   # (the same pictures for the same settings)
-    if cache.exists(): means, stds, scenes = torch.load(cache, weights_only=False)
-    else:
-        log(f"encoding {cfg.n_images} pictures into latents")
-        means, stds, scenes = cache_latents(vae, cfg.n_images, seed=cfg.seed + 100)
-        _save_atomic((means, stds, scenes), cache)
+    cache = work / f"latents-{fingerprint}-{cfg.n_images}-{cfg.seed}.safetensors"   # (the same pictures for the same settings)
+    if not cache.exists(): log(f"encoding {cfg.n_images} pictures into latents")
+    means, stds, scenes = cached_latents(vae, cfg.n_images, cfg.seed + 100, cache)
     if cfg.anchor:   # the one-step anchor's pairs: pure noise and the teacher's picture from it, made once
         apath = work / f"anchor-{fingerprint}-{cfg.anchor_pairs}-{cfg.w_min}-{cfg.w_max}-{cfg.seed}.pt"
-        if apath.exists(): a_noise, a_target, a_caps = torch.load(apath, weights_only=False)
+        if apath.exists():
+            a_noise, a_target, a_caps = _load_state(apath, "the anchor's noise and teacher pictures",
+                                                    "delete it: it is made again (minutes)")
         else:
             log(f"the teacher draws {cfg.anchor_pairs} pictures for the one-step anchor")
             ga, rnga = torch.Generator().manual_seed(cfg.seed + 200), random.Random(cfg.seed + 200)
@@ -379,10 +431,9 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     run = dict(asdict(cfg), model=fingerprint)
     ck, start, seconds = work / 'checkpoint.pt', 0, 0.0
     if ck.exists():
-        st = torch.load(ck, weights_only=False, map_location=device)
-        diff = {k: (st['run'].get(k), v) for k, v in run.items() if st['run'].get(k) != v}
-        if diff: raise ValueError(f"cannot resume from {ck}: made with other settings {{name: (then, now)}}: {diff}; use "
-                                  f"the same settings, or delete {work} to start afresh")
+        st = _load_state(ck, 'the distillation checkpoint', f"delete it to start afresh (the cached latents in {work} "
+                                                           f"are kept)", map_location=device)
+        _check_resumable(st, run, ck, work, cfg.steps)
         for p, v in zip(params, st['lora']): p.data.copy_(v)
         opt.load_state_dict(st['opt']); lr_sched.load_state_dict(st['sched']); start, seconds = st['step'], st['seconds']
         log(f"resumed at step {start}")

@@ -15,14 +15,14 @@ from dataclasses import asdict
 from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
                              POSITION_WORDS, layout_spread, ANY_TURN, _a)
-from .core import atomic_dir, save_pipeline
+from .core import atomic_dir, save_pipeline, check_device
 
 # %% auto #0
 __all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'VAE_WORLD', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'UNET_STEPS', 'N_IMAGES',
            'CAPTION_NOISE', 'build_tokenizer', 'build_components', 'encode_text', 'train_text_encoder', 'train_vae',
-           'cache_latents', 'noisy_scene', 'diffusion_loss', 'EMA', 'quick_eval', 'assemble', 'train_unet',
-           'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect', 'size_position_prompts',
-           'size_position_quality', 'seed_diversity', 'speed_report', 'make_embedded', 'main']
+           'cache_latents', 'cached_latents', 'noisy_scene', 'diffusion_loss', 'EMA', 'quick_eval', 'assemble',
+           'train_unet', 'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect',
+           'size_position_prompts', 'size_position_quality', 'seed_diversity', 'speed_report', 'make_embedded', 'main']
 
 # %% ../nbs/11_embedded.ipynb #112f6dbc
 EXTRA_WORDS = """the of and with in at by for to from is it this that picture photo photograph painting drawing image
@@ -167,6 +167,25 @@ def cache_latents(vae, n, seed=0, bs=256):
             means.append(d.mean.cpu()); stds.append(d.std.cpu())
     return torch.cat(means), torch.cat(stds), scenes
 
+def cached_latents(vae, n, seed, path):
+    "`cache_latents`, kept in `path` (tensors in safetensors, scenes in JSON beside it: nothing pickled): read back when there, else made and written whole."
+    path = Path(path); scenes_path = path.with_suffix('.json')
+    if path.exists() and scenes_path.exists():
+        try:
+            t = load_file(str(path)); scenes = [Scene(**d) for d in json.loads(scenes_path.read_text())]
+            if len(scenes) != len(t['means']) or t['means'].shape != t['stds'].shape: raise ValueError('sizes differ')
+            return t['means'], t['stds'], scenes
+        except Exception as e: raise ValueError(
+            f"the latents cache {path} (with {scenes_path.name}) is damaged or cut short ({type(e).__name__}): delete both "
+            f"files; they are made again") from None
+    means, stds, scenes = cache_latents(vae, n, seed=seed)
+    # contiguous, as they read back: the VAE hands out channels-last tensors, on which convolutions round differently,
+    # so a run that made the cache and one that read it would not agree to the bit
+    means, stds = means.contiguous(), stds.contiguous()
+    _atomic_save(lambda p: p.write_text(json.dumps([asdict(s) for s in scenes])), scenes_path)
+    _atomic_save(lambda p: save_file(dict(means=means, stds=stds), str(p)), path)
+    return means, stds, scenes
+
 # %% ../nbs/11_embedded.ipynb #e98ddd87
 NOISY_ATTRIBUTES = ('shape', 'background', 'style')  # colour words stay exact: see the measurements below
 
@@ -233,6 +252,25 @@ def assemble(parts, unet=None):
 # %% ../nbs/11_embedded.ipynb #f15f3084
 UNET_STEPS, N_IMAGES = 12000, 40000  # the shipped run's UNet stage
 
+def _load_unet_checkpoint(ck: Path, steps: int) -> dict:
+    "The UNet stage's checkpoint, loaded without unpickling code (tensors, numbers and lists only); a damaged, foreign or edited one is named, with the fix."
+    import pickle
+    fix = f"delete it to train the UNet stage from its start (the stages before it and the latents cache are kept)"
+    try: st = torch.load(ck, weights_only=True, map_location='cpu')
+    except pickle.UnpicklingError as e:
+        if 'weights_only' in str(e) or 'Weights only' in str(e): raise ValueError(
+            f"{ck} holds pickled objects other than tensors and numbers; sd_intro does not load those (they could run "
+            f"any code), and this code never wrote them: {fix}") from None
+        raise ValueError(f"{ck} is damaged or cut short (UnpicklingError): {fix}") from None
+    except Exception as e: raise ValueError(f"{ck} is damaged or cut short ({type(e).__name__}): {fix}") from None
+    need = {'unet', 'ema', 'opt', 'step', 'torch_rng'}
+    if not isinstance(st, dict) or not need <= set(st): raise ValueError(f"{ck} is not a UNet checkpoint of this code: {fix}")
+    seen = {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
+    if not (type(st['step']) is int and 1 <= st['step'] <= steps) or seen - {st['step']}:
+        raise ValueError(f"{ck} says step {st['step']!r}, but its optimizer has taken {sorted(seen)} steps (and the run "
+                         f"has {steps}): the file was edited or mixed from two runs: {fix}")
+    return st
+
 def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES, seed=0, ckpt_every=1000,
                eval_every=2000, log_every=100, caption_noise=0.0, device='cpu', log=print):
     "Train the UNet on cached latents; checkpoints in `work` make it resumable. Returns the EMA UNet (on the CPU)."
@@ -241,27 +279,23 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     tok, te, vae, unet, sch = (parts[k] for k in ('tokenizer', 'text_encoder', 'vae', 'unet', 'scheduler'))
     from diffusers import DDPMScheduler
     train_sched = DDPMScheduler.from_config(sch.config)
-    cache = work / 'latents.safetensors'   # tensors in safetensors and scenes as JSON: nothing here runs pickled code
-    if cache.exists() and cache.with_suffix('.json').exists():
-        t = load_file(str(cache)); means, stds = t['means'], t['stds']
-        scenes = [Scene(**d) for d in json.loads(cache.with_suffix('.json').read_text())]
-    else:
-        means, stds, scenes = cache_latents(vae, n_images, seed=seed + 100)
-        _atomic_save(lambda p: p.write_text(json.dumps([asdict(s) for s in scenes])), cache.with_suffix('.json'))
-        _atomic_save(lambda p: save_file(dict(means=means.contiguous(), stds=stds.contiguous()), str(p)), cache)
+    # tensors in safetensors and scenes as JSON: nothing here runs pickled code
+    means, stds, scenes = cached_latents(vae, n_images, seed + 100, work / 'latents.safetensors')
     sf = vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
     lr_fn = lambda s: min(1, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ema, start = EMA(unet, 0.9995), 0
     ck = work / 'unet_ckpt.pt'
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     if ck.exists():
-        st = torch.load(ck, weights_only=True, map_location=device)  # tensors, numbers and dicts only
+        st = _load_unet_checkpoint(ck, steps)
         unet.load_state_dict(st['unet']); ema.model.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
         start = st['step']; torch.set_rng_state(st['torch_rng'])
+        if 'rng' in st:   # the data streams where they were: the rest of the run is the one an unbroken run makes
+            g.set_state(st['g']); rng.setstate((st['rng'][0], tuple(st['rng'][1]), st['rng'][2]))
+        else: rng, g = random.Random(seed + start), torch.Generator().manual_seed(seed + start)   # an older checkpoint
         log(f"resumed at step {start}")
-    rng = random.Random(seed + start)
-    g = torch.Generator().manual_seed(seed + start)
     unet.train(); t0 = time.time()
     for step in range(start, steps):
         for pg in opt.param_groups: pg['lr'] = lr * lr_fn(step)
@@ -275,9 +309,11 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
         ema.update(unet, step)
         if log and step % log_every == 0: log(f"unet step {step} loss {loss.item():.4f} lr {lr * lr_fn(step):.2e} {time.time() - t0:.0f}s")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            v, state, gauss = rng.getstate()
             st = dict(unet=unet.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step + 1,
-                      torch_rng=torch.get_rng_state())
+                      torch_rng=torch.get_rng_state(), g=g.get_state(), rng=[v, list(state), gauss])
             _atomic_save(lambda p: torch.save(st, p), ck)
+            if log: log(f"unet checkpoint at step {step + 1}")
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             pipe = assemble(parts, ema.model); pipe.set_progress_bar_config(disable=True)
             log(f"eval step {step + 1}: {quick_eval(pipe)}")
@@ -395,18 +431,34 @@ CAPTION_NOISE = 0.15  # the shipped model's: see "Stage 3"
 
 def _stage(folder: Path, load, train):
     "A stage's result: loaded from `folder` if an earlier run finished the stage, else `train()`ed and saved there whole."
-    if folder.exists(): return load(folder)
+    if folder.exists():
+        try: return load(folder)
+        except Exception as e: raise ValueError(
+            f"{folder}, the saved {folder.name} stage, cannot be loaded ({type(e).__name__}: {str(e)[:200]}): it was "
+            f"changed after the stage wrote it. Delete the folder to train that stage again") from None
     obj = train()
     with atomic_dir(folder) as tmp: obj.save_pretrained(tmp)
     return obj
 
+def _drop_dead_temporaries(work: Path):
+    "Remove the temporary stage folders (.tmp-STAGE-PID) that runs killed while saving left in `work`; a live run's are kept."
+    for t in work.glob('.tmp-*-*'):
+        name, _, pid = t.name[5:].rpartition('-')
+        if name not in ('tokenizer', 'text_encoder', 'vae') or not pid.isdigit() or not t.is_dir(): continue
+        try: os.kill(int(pid), 0); continue   # alive (or not ours to judge): keep
+        except ProcessLookupError: shutil.rmtree(t, ignore_errors=True)
+        except OSError: continue
+
 def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge_steps=2000, unet_steps=UNET_STEPS,
-                  n_images=N_IMAGES, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print):
-    "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`."
+                  n_images=N_IMAGES, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print,
+                  ckpt_every=1000, eval_every=2000):
+    "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`; killed at any point, run it again to resume."
     from transformers import CLIPTextModel, CLIPTokenizer
     from diffusers import AutoencoderKL
+    device = check_device(device)
     out = Path(out); work = Path(work or out.with_name(out.name + '_work')); work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _drop_dead_temporaries(work)
     # The tokenizer is kept with the run: `tokenizers`' BPE trainer breaks ties between equally frequent pairs in a
     # run-dependent order, so a rebuilt one may number sub-word pieces differently from the one the text encoder learnt.
     parts = build_components(_stage(work / 'tokenizer', CLIPTokenizer.from_pretrained, build_tokenizer), seed=seed)
@@ -422,12 +474,14 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     if not jpath.exists():
         net = train_judge(judge_steps, seed=seed, vae=parts['vae'], log=log)
         _atomic_save(lambda p: save_file(net.state_dict(), str(p)), jpath)
-    if judge_out: Path(judge_out).parent.mkdir(parents=True, exist_ok=True); shutil.copy(jpath, judge_out)
+    if judge_out:   # whole or not at all: a kill while copying leaves the old judge in place
+        Path(judge_out).parent.mkdir(parents=True, exist_ok=True); _atomic_save(lambda p: shutil.copy(jpath, p), judge_out)
     from sd_intro import shapes
     shapes._JUDGE.clear(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
     shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge
     try: parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
-                                    caption_noise=caption_noise, device=device, log=log)
+                                    caption_noise=caption_noise, device=device, log=log, ckpt_every=ckpt_every,
+                                    eval_every=eval_every)
     finally: shapes.JUDGE_PATH = was                # only while training: the process keeps the judge it had
     pipe = assemble(parts)
     save_pipeline(pipe, out)   # atomically, in the layout every allowed transformers reads

@@ -448,13 +448,19 @@ def _fsync(path: Path):
     except OSError: pass
 
 # %% ../nbs/05_finetuning.ipynb #a93f0c76
+def _state_digest(state: dict) -> str:
+    "A checksum of a checkpoint's state (everything but the digest itself): an edited state.json no longer matches it."
+    body = json.dumps({k: v for k, v in state.items() if k != 'digest'}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
 def _write_checkpoint(folder: Path, state: dict, trainable: dict, ema: dict | None, opt_state: dict):
     "Write one checkpoint's files into `folder`; state.json, the mark of a complete checkpoint, comes last."
     folder.mkdir(parents=True, exist_ok=True)
     save_file(trainable, str(folder / 'trainable.safetensors'))
     if ema is not None: save_file(ema, str(folder / 'ema.safetensors'))
     torch.save(opt_state, folder / 'optimizer.pt')
-    (folder / 'state.json').write_text(json.dumps(state, indent=1))
+    state = json.loads(json.dumps(state))   # as it will read back (tuples as lists), so that the digest matches then
+    (folder / 'state.json').write_text(json.dumps(dict(state, digest=_state_digest(state)), indent=1))
     for p in folder.iterdir(): _fsync(p)
 
 def save_checkpoint(out: str | os.PathLike, # the run folder
@@ -485,10 +491,33 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict, dict | None,
         what = 'trainable.safetensors'
         weights = load_file(str(folder / 'trainable.safetensors'))
         what = 'optimizer.pt'
-        return state, weights, ema, torch.load(folder / 'optimizer.pt', weights_only=True)
+        opt = torch.load(folder / 'optimizer.pt', weights_only=True)
     except Exception as e:   # safetensors, JSON and torch each have their own errors for a cut-off file
+        if 'weights_only' in str(e) or 'Weights only' in str(e): raise ValueError(
+            f"checkpoint {folder}: optimizer.pt holds pickled objects other than tensors and numbers; sd_intro does not "
+            f"load those (they could run any code) and never wrote them; it cannot be resumed from") from None
         raise ValueError(f"checkpoint {folder}: {what} is damaged or cut short ({type(e).__name__}); it cannot be "
                          f"resumed from") from e
+    _check_state(folder, state, opt)
+    return state, weights, ema, opt
+
+def _check_state(folder: Path, state: dict, opt: dict):
+    "A clear error for a checkpoint whose state.json was edited, or whose parts disagree on the step."
+    if 'digest' in state and state['digest'] != _state_digest(state): raise ValueError(
+        f"checkpoint {folder}: state.json was changed after the run wrote it (its digest does not match: an edited step, "
+        f"loss or setting); it cannot be resumed from. Restore it, or pass overwrite=True to start afresh")
+    step, losses = state.get('step'), state.get('losses')
+    seen = {int(v['step']) for v in (opt.get('optimizer') or {}).get('state', {}).values() if 'step' in v}
+    sched = (opt.get('lr_scheduler') or {}).get('last_epoch')
+    problems = []
+    if not _whole(step) or step < 1: problems.append(f"step {step!r} is not a whole number of at least 1")
+    elif folder.name != f"step-{step:06d}": problems.append(f"its folder is {folder.name}")
+    if not isinstance(losses, list) or len(losses) != step: problems.append(f"it lists {len(losses) if isinstance(losses, list) else 'no'} losses")
+    if seen and seen != {step}: problems.append(f"its optimizer has taken {sorted(seen)} steps")
+    if sched is not None and sched != step: problems.append(f"its learning-rate schedule is at step {sched}")
+    if problems: raise ValueError(f"checkpoint {folder}: state.json says step {step!r}, but {'; '.join(problems)}: it was "
+                                  f"edited or mixed from two runs; it cannot be resumed from. Restore it, or pass "
+                                  f"overwrite=True to start afresh")
 
 def _load_resumable(out: Path):
     "(folder, contents) of the newest checkpoint that loads, warning about each newer damaged one; None if there are none."
@@ -595,14 +624,21 @@ def _micro_batches(data, cfg, resolution, first, last, rank, world):
     if not cfg.num_workers: return (ds[i] for i in range(first, last))
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(first, last), num_workers=cfg.num_workers))
 
-def _load_history(out, upto):
-    "Validation images already rendered by an earlier part of a resumed run."
+def _load_history(out, upto, size: int | None = None):
+    "Validation images already rendered by an earlier part of a resumed run (tiles of `size` px; strips enlarged by older versions are shrunk back exactly)."
     hist = {}
     for p in sorted((Path(out) / 'validation').glob('step-*.png')):
+        if not re.fullmatch(r'step-\d+', p.stem): continue
         s = int(p.stem[5:])
         if s <= upto:
-            strip = Image.open(p).convert('RGB'); h = strip.height
-            hist[s] = [strip.crop((x, 0, x + h, h)) for x in range(0, strip.width, h)]
+            with Image.open(p) as f: strip = f.convert('RGB')
+            h = strip.height
+            tiles = [strip.crop((x, 0, x + h, h)) for x in range(0, strip.width, h)]
+            if size and h != size:
+                if h % size: raise ValueError(f"{p}: its tiles are {h} px, not the {size} px of this run's validation "
+                                              f"pictures; delete it (it is drawn again) or resume with the same resolution")
+                tiles = [t.resize((size, size), Image.NEAREST) for t in tiles]   # undoes a whole-times enlargement exactly
+            hist[s] = tiles
     return hist
 
 def _data_id(data: CaptionedImages) -> dict:
@@ -636,7 +672,7 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
     meta = {}  # the adapter's rank and alpha travel with the weights (diffusers >= 0.34 reads them back)
     if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
         meta['unet_lora_adapter_metadata'] = pipe.unet.peft_config['default'].to_dict()
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, keep_others=True) as tmp:   # files of the user's there stay
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, **meta)
     return dest
 
@@ -713,7 +749,7 @@ def _clear_runs(out: Path):
         if re.fullmatch(r'(\.tmp-)?step-\d+(-\d+)?', p.name) and p.is_dir(): shutil.rmtree(p, ignore_errors=True)
     for p in val.glob('step-*.png'):
         if re.fullmatch(r'step-\d+\.png', p.name): p.unlink(missing_ok=True)
-    (out / 'validation.png').unlink(missing_ok=True)
+    (out / 'validation.png').unlink(missing_ok=True); (out / 'losses.json').unlink(missing_ok=True)
     for d in (ck, val):
         with contextlib.suppress(OSError): d.rmdir()   # kept if the user put something of their own there
 
@@ -793,7 +829,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
             ema.shadow_params = [ema_w[n].to(device) for n, _ in named]
             ema.optimization_step = state['ema_step']
         start, losses = state['step'], list(state['losses'])
-        history = _load_history(out, start)
+        history = _load_history(out, start, unet.config.sample_size * pipe.vae_scale_factor)   # validation pictures' size
     unet.train()
     unet_t, optimizer = acc.prepare(unet, optimizer)
     if ckpt is not None and acc.scaler is not None and opt_state.get('scaler'): acc.scaler.load_state_dict(opt_state['scaler'])
@@ -809,7 +845,8 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
             unet.train()
             history[step] = imgs
             (out / 'validation').mkdir(parents=True, exist_ok=True)
-            image_grid([im.resize((imgs[0].height, imgs[0].height)) for im in imgs], rows=1).save(out / 'validation' / f"step-{step:06d}.png")
+            strip = image_grid([im.resize((imgs[0].height, imgs[0].height)) for im in imgs], rows=1, min_tile=0)  # exact pixels: a resume reads them back
+            with atomic_file(out / 'validation' / f"step-{step:06d}.png") as tmp: strip.save(tmp, format='PNG')
         acc.wait_for_everyone()
 
     def checkpoint(step):
@@ -867,11 +904,13 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     if stop == cfg.steps:
         if ema is not None: ema.copy_to(params)
         validate(cfg.steps)
-        if acc.is_main_process:
+        if acc.is_main_process:   # the grid and losses first: the result folder marks a finished run
+            if history:
+                with atomic_file(out / 'validation.png') as tmp: validation_grid(history, cfg.steps).save(tmp, format='PNG')
+            with atomic_file(out / 'losses.json') as tmp: tmp.write_text(json.dumps(losses))
             save_finetuned(pipe, out, cfg.method)
             other = out / ('lora' if cfg.method == 'full' else 'pipeline')
             if other.is_dir(): shutil.rmtree(other)   # an overwritten run of the other method: one result per folder
-            if history: validation_grid(history, cfg.steps).save(out / 'validation.png')
         acc.wait_for_everyone()
         saved = out / ('pipeline' if cfg.method == 'full' else 'lora')
     unet.eval()

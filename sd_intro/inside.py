@@ -11,15 +11,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import EMBEDDED_MODEL, atomic_dir, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for, _whole, _real
+from .core import (EMBEDDED_MODEL, atomic_dir, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for,
+                   check_device, choose_dtype, loading_error, scheduler_spec, _whole, _real)
 from .guidance import denoise, initial_latents
 from .pipelines import predict_x0
 from .shapes import COLOURS, HELD_OUT
 
 # %% auto #0
 __all__ = ['token_rows', 'encode_by_hand', 'one_token', 'swap_word', 'images_to_latents', 'latents_to_images', 'Parts',
-           'load_parts', 'text_embeddings', 'sample_parts', 'colour_loss', 'LossGuidance', 'add_token', 'Inversion',
-           'textual_inversion', 'save_learned_embeds', 'fit_conditioning', 'images_only']
+           'load_parts', 'text_embeddings', 'sample_parts', 'colour_loss', 'LossGuidance', 'check_new_token',
+           'add_token', 'Inversion', 'textual_inversion', 'save_learned_embeds', 'fit_conditioning', 'images_only']
 
 # %% ../nbs/06_inside.ipynb #824872cc
 def token_rows(tokenizer,   # the pipeline's tokenizer (`pipe.tokenizer`)
@@ -113,22 +114,46 @@ class Parts:
     def vae_scale_factor(self) -> int: return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 def load_parts(model: str | os.PathLike | None = None, # a folder or Hub id (default: the embedded model or $SD_INTRO_MODEL)
-               device: str = 'cpu',
-               dtype: torch.dtype = torch.float32
+               device: str = 'cpu',       # checked as `load_pipeline` checks it
+               dtype: str | torch.dtype = torch.float32 # float32; float16 on CUDA only
               ) -> Parts:
-    "Tokenizer, text encoder, UNet, VAE and scheduler of `model`, each with its class's `from_pretrained(model, subfolder=...)`."
+    "Tokenizer, text encoder, UNet, VAE and scheduler of `model`, each with its class's `from_pretrained(model, subfolder=...)`; errors as `load_pipeline`'s."
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     model = resolve_model(model)
-    with quiet_loading():
-        sched_cls = getattr(diffusers, diffusers.DDIMScheduler.load_config(model, subfolder='scheduler')['_class_name'])
-        parts = Parts(CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
-                      CLIPTextModel.from_pretrained(model, subfolder='text_encoder'),
-                      UNet2DConditionModel.from_pretrained(model, subfolder='unet'),
-                      AutoencoderKL.from_pretrained(model, subfolder='vae'),
-                      sched_cls.from_pretrained(model, subfolder='scheduler'), str(model))
-    for m in (parts.text_encoder, parts.unet, parts.vae): m.to(device, dtype).eval().requires_grad_(False)
+    device, dtype = choose_dtype(check_device(device), dtype)
+    local = Path(model).expanduser()
+    try:
+        if not local.is_dir() and (local.is_absolute() or model.startswith('.') or model.count('/') != 1):
+            raise FileNotFoundError(f"no folder {model!r}")
+        if local.is_dir():   # each part's folder there, before any loading (else: "no file named config.json")
+            gone = [k for k in ('tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler') if not (local / k).is_dir()]
+            if gone: raise FileNotFoundError(f"model={model!r} has no {', '.join(k + '/' for k in gone)} folder: a Stable "
+                                             f"Diffusion folder holds tokenizer/, text_encoder/, unet/, vae/ and scheduler/ "
+                                             f"(`save_pretrained` writes them); copy the whole folder again")
+        with quiet_loading():
+            name = diffusers.DDIMScheduler.load_config(model, subfolder='scheduler').get('_class_name', '')
+            try: sched_cls = scheduler_spec(str(name))[0]   # a diffusers scheduler class, and nothing else, by name
+            except ValueError: raise ValueError(f"model={model!r}: scheduler/scheduler_config.json names {name!r}, which "
+                                                f"is not a diffusers scheduler; correct its _class_name (e.g. "
+                                                f"'PNDMScheduler')") from None
+            parts = Parts(CLIPTokenizer.from_pretrained(model, subfolder='tokenizer'),
+                          CLIPTextModel.from_pretrained(model, subfolder='text_encoder'),
+                          UNet2DConditionModel.from_pretrained(model, subfolder='unet'),
+                          AutoencoderKL.from_pretrained(model, subfolder='vae'),
+                          sched_cls.from_pretrained(model, subfolder='scheduler'), str(model))
+    except FileNotFoundError as e:
+        if str(e).startswith('model='): raise
+        raise loading_error(model, e) from e
+    except ValueError as e:
+        if str(e).startswith('model='): raise
+        raise loading_error(model, e) from e
+    except (OSError, EnvironmentError) as e: raise loading_error(model, e) from e
+    for m in (parts.text_encoder, parts.unet, parts.vae):
+        m.to(device)   # (a dtype given to `to` makes diffusers warn about float32 modules, even when there are none)
+        if next(m.parameters()).dtype != dtype: m.to(dtype=dtype)
+        m.eval().requires_grad_(False)
     return parts
 
 # %% ../nbs/06_inside.ipynb #6a22317f
@@ -218,15 +243,30 @@ class LossGuidance:
         self._step.__exit__(*exc); self._step = None
 
 # %% ../nbs/06_inside.ipynb #726ae6a5
+def check_new_token(tokenizer,        # the pipeline's tokenizer
+                    token: str,       # the token to add, e.g. '<creature>'
+                    arg: str = 'token' # how errors name it
+                   ):
+    "A clear error unless `token` is new: in no prompt yet, neither a word of the vocabulary ('red' is 'red</w>') nor part of one (added tokens match inside words)."
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise ValueError(f"{arg}={token!r}: pass one new word without spaces, e.g. '<creature>'")
+    fix = f"choose a new one that no prompt says, e.g. '<{token.strip('<>')}-1>'"
+    vocab, low = tokenizer.get_vocab(), token.lower()   # (CLIP's tokenizer lowercases prompts)
+    same = next((t for t in (token, low, token + '</w>', low + '</w>') if t in vocab), None)
+    if same: raise ValueError(f"{arg}={token!r} is already in the vocabulary (as {same!r}), so every prompt that says "
+                              f"{token!r} would change; {fix}")
+    words = (w[:-4] if w.endswith('</w>') else w for w in vocab)
+    inside = next((w for w in words if low in w.lower() and len(w) > len(low)), None)
+    if inside: raise ValueError(f"{arg}={token!r} is part of the word {inside!r}: an added token is matched inside words, "
+                                f"so every prompt that says {inside!r} would change; {fix}")
+
 def add_token(parts,          # `Parts` or a pipeline: its tokenizer and text encoder get the token
               token: str,     # the new token, e.g. '<creature>' (not yet in the vocabulary)
               init_word: str  # an existing one-token word whose embedding it starts from
              ) -> int:
     "Add `token` to the tokenizer and a row for it to the text encoder's embeddings, a copy of `init_word`'s; returns its id."
     tok, te = parts.tokenizer, parts.text_encoder
-    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
-        raise ValueError(f"token={token!r}: pass one new word without spaces, e.g. '<creature>'")
-    if token in tok.get_vocab(): raise ValueError(f"token={token!r} is already in the vocabulary; choose a new one, e.g. '<{token.strip('<>')}-1>'")
+    check_new_token(tok, token)
     init = one_token(tok, init_word, 'init_word')
     tok.add_tokens([token])
     te.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -266,8 +306,8 @@ def textual_inversion(parts,                   # `Parts` (changed in place: the 
     rows = [(f, pat.sub(token, c)) for f, c in caps.items() if pat.search(c)]
     if not rows: raise ValueError(f"word={word!r} is in none of the {len(caps)} captions of {str(data)!r}; pass the word they use")
     tok, te = parts.tokenizer, parts.text_encoder
-    if token in tok.get_vocab(): raise ValueError(f"token={token!r} is already in the vocabulary; choose a new one or load a fresh `Parts`")
-    one_token(tok, init_word, 'init_word')   # checked before anything changes
+    check_new_token(tok, token)                 # checked before anything changes: 'red' would change every red prompt
+    one_token(tok, init_word, 'init_word')
     new = add_token(parts, token, init_word)
     images = [Image.open(Path(data) / f).convert('RGB') for f, _ in rows]
     latents = images_to_latents(parts.vae, images)

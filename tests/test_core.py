@@ -292,7 +292,8 @@ def test_broken_and_missing_folders_name_the_problem(tmp_path, monkeypatch):
     broken = tmp_path / 'broken'
     shutil.copytree(EMBEDDED_MODEL, broken)
     shutil.rmtree(broken / 'vae')
-    with pytest.raises(OSError, match=r'pipeline folder is there but could not be loaded'): load_pipeline(broken)
+    with pytest.raises(OSError, match=r'the pipeline folder has no vae/ folder, which model_index.json lists'):
+        load_pipeline(broken)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no folder of that name in .*not a Hub id"): load_pipeline('my-model')
 
