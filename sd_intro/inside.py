@@ -128,7 +128,9 @@ def load_parts(model: str | os.PathLike | None = None, # a folder or Hub id (def
                       UNet2DConditionModel.from_pretrained(model, subfolder='unet'),
                       AutoencoderKL.from_pretrained(model, subfolder='vae'),
                       sched_cls.from_pretrained(model, subfolder='scheduler'), str(model))
-    for m in (parts.text_encoder, parts.unet, parts.vae): m.to(device, dtype).eval().requires_grad_(False)
+    for m in (parts.text_encoder, parts.unet, parts.vae):   # cast only if needed: diffusers warns on every .to(dtype)
+        if m.dtype != dtype: m.to(dtype=dtype)
+        m.to(device).eval().requires_grad_(False)
     return parts
 
 # %% ../nbs/06_inside.ipynb #6a22317f
