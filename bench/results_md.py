@@ -46,7 +46,7 @@ def overhead(r):
              f"**{x['ratio']:.3f}**", f"{x['generate_own_ms']:.4f}", pct(x['own_share'], 3)] for x in r['rows']]
     worst = max(x['ratio'] for x in r['rows'])
     return (f"Embedded model, 64x64, {r['steps']} steps, guidance {r['guidance']}; both sides make the same pixels (asserted); "
-            f"medians of {r['repeats']} interleaved repeats after one warm-up; `generate_own_ms` is `generate` on a stub "
+            f"medians of {r['repeats']} interleaved repeats after one warm-up, {r.get('threads')} torch thread(s); `generate_own_ms` is `generate` on a stub "
             "pipeline that returns at once (its bookkeeping).\n\n" +
             table(['images', 'same_pixels', 'pipe_median_s', 'generate_median_s', 'ratio', 'generate_own_ms', 'own_share'], rows) +
             f"\n\nWorst ratio {worst:.3f} (target <= {r['target']}: {'met' if worst <= r['target'] else 'missed'}).")
@@ -57,7 +57,7 @@ def guidance(r):
     meds = r.get('medians') or {k: sorted(v)[len(v) // 2] for k, v in r['times'].items()}
     rows = [[k.replace('_', ' '), f"{meds[k]:.3f}", f"{mins[k]:.3f}", f"{maxs[k]:.3f}"] for k in meds]
     return (f"The notes' grid (guidance {', '.join(f'{g:g}' for g in r['scales'])} x 4 images), {r['steps']} steps: "
-            f"`guidance_sweep`'s one batched loop against four pipeline calls, {r['repeats']} interleaved repeats, "
+            f"`guidance_sweep`'s one batched loop against four pipeline calls, {r['repeats']} interleaved repeats, {r.get('threads')} torch thread(s), "
             f"same pixels (max difference {r['max_pixel_diff']}/255).\n\n" + table(['side', 'median s', 'min s', 'max s'], rows) +
             f"\n\nRatio batched / four calls **{r['ratio']:.3f}** (paired median {r['paired_ratio']:.3f}; target <= {r['target']}: "
             f"{'met' if r['ratio'] <= r['target'] else 'missed'}).")

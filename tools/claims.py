@@ -182,13 +182,14 @@ def candidates(texts, kind: str, bare: str = 'decimal') -> list[float]:
     return out
 
 
-def _json_values(obj, out):
+def _json_values(obj, out, key=''):
+    "Every number in a result file as 'key: value' (so that a ratio is known by its key), and its strings."
     if isinstance(obj, bool) or obj is None: return out
-    if isinstance(obj, (int, float)): out.append(repr(obj))
+    if isinstance(obj, (int, float)): out.append(f"{key}: {obj!r};")
     elif isinstance(obj, dict):
-        for v in obj.values(): _json_values(v, out)
+        for k, v in obj.items(): _json_values(v, out, str(k))
     elif isinstance(obj, (list, tuple)):
-        for v in obj: _json_values(v, out)
+        for v in obj: _json_values(v, out, key)
     elif isinstance(obj, str): out.append(obj)
     return out
 
@@ -223,7 +224,7 @@ class Evidence:
 
     def values(self, kind: str) -> list[float]:
         "Printed values of `kind`, cited bench results, and (for settings) numbers written in code."
-        v = candidates(self.printed, kind) + candidates(self.bench, kind, bare='all')
+        v = candidates(self.printed, kind) + candidates(self.bench, kind, bare={'times': 'none', 'percent': 'decimal'}.get(kind, 'all'))
         if kind != 'times': v += candidates(self.code, kind, bare='all' if kind in ('steps', 'pixels', 'seconds') else 'decimal')
         return v
 
