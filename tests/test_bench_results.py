@@ -69,3 +69,11 @@ def test_results_md_says_when_a_result_is_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(results_md, 'results', lambda: {'inversion.json': dict(json.loads((ROOT / 'bench' / 'results' / 'inversion.json').read_text()), model='000000000000')})
     text = results_md.render_md(NOW)
     assert '**not the shipped model**' in text and 'bench_inversion.py' in text
+
+
+def test_every_bench_script_that_writes_results_records_the_model():
+    for script in sorted((ROOT / 'bench').glob('bench_*.py')):
+        src = script.read_text()
+        if '.json' in src:
+            assert 'stamp(' in src or 'model_fingerprint()' in src, \
+                f"{script.name} writes results without the model's fingerprint: use provenance.stamp"
