@@ -73,9 +73,11 @@ GPU_BENCH = bench_gpu playground_gpu
 
 bench: install  # the CPU benchmarks (bench/RESULTS.md sections 1, 2 and 4)
 	for f in $(CPU_BENCH); do $(BIN)/python bench/bench_$$f.py || exit 1; done
+	$(BIN)/python bench/results_md.py
 
 bench-gpu: install  # needs CUDA: SD 1.5 at full size, plain vs fast (section 5), and the playground on the GPU
 	for f in $(GPU_BENCH); do $(BIN)/python bench/$$f.py || exit 1; done
+	$(BIN)/python bench/results_md.py
 
 clean:
 	rm -rf $(VENV) _docs _proc build dist

@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument('--fresh', action='store_true', help='each notebook in its own process')
     ap.add_argument('--threads', type=int, default=None,
                     help="torch threads (in-process runs only; 1 makes CPU s the work itself, with no thread spinning)")
+    ap.add_argument('--json', default=str(ROOT / 'bench' / 'results' / 'course.json'),
+                    help='where to write the figures (bench/RESULTS.md is made from them)')
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -55,7 +57,7 @@ def main(argv=None):
           f"flagged {flags}); {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
           f"{f', {args.threads} torch thread(s)' if args.threads else ''}")
     print('| notebook | ok | wall s | CPU s |\n|---|---|---|---|')
-    total, total_cpu, failed = 0.0, 0.0, []
+    total, total_cpu, failed, rows = 0.0, 0.0, [], []
     for nb in nbs:
         c0 = cpu_seconds()
         if args.fresh: ok, secs = run_fresh(nb, flags)
@@ -66,11 +68,16 @@ def main(argv=None):
         cpu = cpu_seconds() - c0
         total, total_cpu = total + secs, total_cpu + cpu
         if not ok: failed.append(nb.name)
+        rows.append(dict(notebook=nb.name, ok=bool(ok), wall_s=round(secs, 1), cpu_s=round(cpu, 1)))
         print(f"| {nb.name} | {'yes' if ok else 'FAILED'} | {secs:.1f} | {cpu:.1f} |", flush=True)
     print(f"| **total** | {len(nbs) - len(failed)}/{len(nbs)} | **{total:.1f}** | {total_cpu:.1f} |")
     print(f"\ntotal {total:.0f} s = {total / 60:.1f} min wall, {total_cpu / 60:.1f} min CPU (target <= {TARGET_S / 60:.0f} "
           f"min: wall {'met' if total <= TARGET_S else 'MISSED'}, CPU {'met' if total_cpu <= TARGET_S else 'MISSED'})"
           f"{'; failed: ' + ', '.join(failed) if failed else ''}")
+    from provenance import stamp, write_json
+    write_json(args.json, stamp(dict(date=time.strftime('%Y-%m-%d'), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                                threads=args.threads, fresh=args.fresh, skipped_flags=flags, target_s=TARGET_S, rows=rows,
+                                total_wall_s=round(total, 1), total_cpu_s=round(total_cpu, 1))))
     return 1 if failed else 0
 
 

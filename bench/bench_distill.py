@@ -40,7 +40,8 @@ def main():
     from sd_intro.embedded import guidance_curve, negative_prompt_effect
     from sd_intro.distill import LCM_LORA, distill, few_step_quality, lcm_info, lcm_pipeline, speed_ratio
     from sd_intro.finetune import model_fingerprint
-    res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads)
+    res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads,
+               date=time.strftime('%Y-%m-%d'))
     if a.train:
         t = time.time()
         distill(LCM_LORA, overwrite=True, work=ROOT / 'bench' / 'out' / 'distill-work')
@@ -49,6 +50,8 @@ def main():
     lora = a.lora or LCM_LORA
     info = lcm_info(lora)
     res['distill'] = info
+    from provenance import stamp
+    res = stamp(res, lora=lora)   # the model measured (the embedded one) and the LoRA's own fingerprint
     assert info['model'] == model_fingerprint(), "the shipped LCM-LoRA was distilled from another model: run with --train"
     print(f"LCM-LoRA: {info['steps']} steps x {info['batch_size']}, {info['train_seconds']:.0f} s of training on "
           f"{info['device']} ({info['torch_threads']} threads)\n")

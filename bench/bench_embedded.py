@@ -29,13 +29,15 @@ def row(name, value, target, better='>='):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--model', default=EMBEDDED_MODEL)
-    ap.add_argument('--json', default=None, help='also write the figures here')
+    ap.add_argument('--json', default=None, help='also write the figures here (bench/results/embedded.json is the shipped model\'s)')
     ap.add_argument('--skip-speed', action='store_true')
     ap.add_argument('--quick', action='store_true', help='the 7.5 table, words and seed spread only (no guidance curve)')
     ap.add_argument('--device', default='cpu', help="'cuda' to judge a model quickly on a GPU (speed is measured on the CPU)")
     a = ap.parse_args()
     pipe = load_pipeline(a.model, device=a.device, dtype=torch.float32)
-    out = dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    from provenance import stamp
+    out = stamp(dict(date=time.strftime('%Y-%m-%d')), model=a.model)
+    out.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     ok = []
     t = time.time()
     q = judged_quality(pipe)

@@ -132,7 +132,9 @@ def main(argv=None):
     if error: print(f"\nfast path FAILED: {error}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, args=vars(args), peak_tflops=peak, flops=flops, fast=fast_info,
+    from provenance import stamp
+    fingerprint = dict(model=args.model) if args.model == 'sd15-random' else stamp({}, model=None if args.model == 'embedded' else args.model)
+    out.write_text(json.dumps(dict(**fingerprint, env=env, args=vars(args), peak_tflops=peak, flops=flops, fast=fast_info,
                                    error=error, rows=rows), indent=1, default=str))
     print(f"\nwritten {out}")
     return 1 if error else 0

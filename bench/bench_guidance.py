@@ -8,6 +8,7 @@ Target: batched / four calls <= 0.85.
     python bench/bench_guidance.py [--repeats 7] [--steps 30] [--threads N]
 """
 import argparse, os, platform, statistics, sys, time
+from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from sd_intro.guidance import SEED_SCALES, guidance_sweep
 PROMPT = 'a red circle on a blue background'
 TARGET = 0.85
 
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'guidance.json'
 
 def four_calls(pipe, steps, n=4, seed=0):
     "The notes' way: one pipeline call per guidance scale (through `generate`, one CPU generator per image)."
@@ -37,6 +40,7 @@ def main(argv=None):
     ap.add_argument('--repeats', type=int, default=7, help='timed runs of each side (interleaved)')
     ap.add_argument('--steps', type=int, default=30)
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch decides)')
+    ap.add_argument('--json', default=str(RESULTS), help='where to write the figures (bench/RESULTS.md is made from them)')
     args = ap.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     pipe = load_pipeline()
@@ -63,6 +67,10 @@ def main(argv=None):
     print(f"same pixels: max difference {diff}/255")
     print(f"time ratio batched / four calls (medians): {ratio:.3f}  (paired median {paired:.3f}; "
           f"target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
+    from provenance import stamp, write_json
+    write_json(args.json, stamp(dict(date=time.strftime('%Y-%m-%d'), machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                                threads=torch.get_num_threads(), steps=args.steps, repeats=args.repeats, scales=list(SEED_SCALES),
+                                max_pixel_diff=int(diff), times=times, ratio=ratio, paired_ratio=paired, target=TARGET)))
     return 0
 
 

@@ -11,6 +11,7 @@ this process's CPU time on one thread instead (no thread spinning while it waits
 side does.
 """
 import argparse, os, platform, statistics, sys, time
+from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from sd_intro.speed import interleaved_times, median_ratio, markdown_table
 PROMPT = 'a red circle on a blue background'
 TARGET = 1.02
 
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'overhead.json'
 
 def raw_call(pipe, n, seed, steps, guidance):
     "The plain diffusers call that makes the same pixels as `generate(pipe, PROMPT, seed, n, ...)`."
@@ -42,6 +45,7 @@ def main(argv=None):
     ap.add_argument('--guidance', type=float, default=7.5)
     ap.add_argument('--clock', choices=['wall', 'cpu'], default='wall')
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
+    ap.add_argument('--json', default=str(RESULTS), help='where to write the figures (bench/RESULTS.md is made from them)')
     args = ap.parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == 'wall' else time.process_time
@@ -72,6 +76,10 @@ def main(argv=None):
     own = max(r['own_share'] for r in rows)
     print(f"\nworst median ratio {worst:.3f} (target <= {TARGET}: {'met' if worst <= TARGET else 'MISSED'}); "
           f"generate's own bookkeeping: {own:.2%} of a call at most")
+    from provenance import stamp, write_json
+    write_json(args.json, stamp(dict(date=time.strftime('%Y-%m-%d'), machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                                threads=torch.get_num_threads(), steps=args.steps, guidance=args.guidance, repeats=args.repeats,
+                                clock=args.clock, target=TARGET, rows=rows)))
     # the ratio carries the machine's noise; the bookkeeping share does not, so only it decides the exit status
     return 0 if own <= TARGET - 1 else 1
 

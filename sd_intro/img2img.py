@@ -61,7 +61,7 @@ WOLF_SKETCH_URL = 'https://s3.amazonaws.com/moonup/production/uploads/1664665907
 CACHE_DIR = Path(os.environ.get('SD_INTRO_CACHE', '~/.cache/sd_intro')).expanduser()
 
 class ResizeNote(UserWarning):
-    "`load_image` changed the size of a picture (or cropped it) to fit the model."
+    "`load_image` changed the size of a picture on its own (rounded to multiples of 8), or cropped it to new proportions."
 
 _ARG = 'url_or_path_or_image'
 _MAGIC = (b'\x89PNG', b'\xff\xd8\xff', b'GIF8', b'BM', b'II*\x00', b'MM\x00*')
@@ -173,9 +173,9 @@ def load_image(url_or_path_or_image: str | os.PathLike | Image.Image | np.ndarra
     w, h, why = _target_size(size, img)
     if (w, h) != img.size:
         cropped = abs(w / h - img.width / img.height) > 1e-3
-        warnings.warn(f"load_image: resized {shown} from {img.width}x{img.height} to {w}x{h} ({why})"
+        if cropped or size is None: warnings.warn(f"load_image: resized {shown} from {img.width}x{img.height} to {w}x{h} ({why})"
                       + ("; centre-cropped to the new proportions first" if cropped else "")
-                      + ". Pass size=(width, height) to choose another size.", ResizeNote, stacklevel=2)
+                      + ". Pass size=(width, height) to choose another size.", ResizeNote, stacklevel=2)   # a resize that was asked for goes without a note
         img = ImageOps.fit(img, (w, h), Image.LANCZOS)
     return img
 
