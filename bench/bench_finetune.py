@@ -67,6 +67,15 @@ def main():
         score = (lambda p: concept_scores(p, n=a.eval_n, steps=a.eval_steps)) if judged else (lambda p: None)
         t = time.time(); before = score(base)
         if before: print(f"base model: creature {before['new']:.0%}, old concepts {before['old']:.0%}  [{time.time() - t:.0f}s to judge]")
+        from sd_intro.core import load_lora
+        from sd_intro.finetune import CREATURE_LORA
+        shipped = score(load_lora(load_pipeline(), str(CREATURE_LORA))) if judged else None
+        if shipped:
+            shipped['retained'] = shipped['old'] / max(before['old'], 1e-9)
+            from provenance import lora_fingerprint
+            shipped['lora'] = lora_fingerprint(CREATURE_LORA)
+            print(f"shipped creature LoRA: ears {shipped['ears']:.0%}, creature {shipped['new']:.0%}, colour {shipped['new_colour']:.0%}, "
+                  f"background {shipped['new_background']:.0%}, old retained {shipped['retained']:.0%}", flush=True)
         rows = []
         for name in a.runs:
             settings, mixed = RUNS[name]
@@ -104,7 +113,7 @@ def main():
     if a.quick: return
     table = dict(model=model_fingerprint(), judged=judged, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
                  date=time.strftime('%Y-%m-%d'), n_new=a.n_new, n_old=a.n_old, eval_n=a.eval_n, eval_steps=a.eval_steps,
-                 budget_s=BUDGET_S, before=before, runs=rows)
+                 budget_s=BUDGET_S, before=before, shipped=shipped, runs=rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(table, indent=1))
     print(f"wrote {a.json}")

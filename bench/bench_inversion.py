@@ -7,6 +7,9 @@ diffusers' `load_textual_inversion`, and measures with the judge:
   after      the same with the learned token; colour / background: their adherence with the learned token
   word       the same prompts with the plain word "creature" on the base model (lesson 5's 'before')
 and checks that the base model's own prompts give the same pixels with the token loaded (nothing forgotten).
+Then what *any* conditioning can do (issue 27, point 4): `fit_conditioning` trains the text encoder's whole output
+(no text at all) on red-on-green creature pictures, and on circles as a control; the shipped creature LoRA of lesson 5
+draws the same prompt. `ears` is the share whose outline shows the creature's ears (`shows_ears`).
 Prints the figures and writes them to bench/results/inversion.json, which nbs/06_inside.ipynb shows.
 
     python bench/bench_inversion.py [--steps 300] [--lr 1e-2] [--eval-n 64] [--threads 2]
@@ -24,7 +27,7 @@ RESULTS = ROOT / 'bench' / 'results' / 'inversion.json'
 def main():
     from diffusers import StableDiffusionPipeline
     from sd_intro.core import EMBEDDED_MODEL, generate, quiet_loading
-    from sd_intro.shapes import HELD_OUT, JUDGE_PATH, adherence
+    from sd_intro.shapes import HELD_OUT, JUDGE_PATH, adherence, creature_verdicts
     from sd_intro.finetune import write_shapes_folder, creature_prompts, model_fingerprint
     from sd_intro.embedded import EVAL_PROMPTS
     from sd_intro.inside import load_parts, add_token, textual_inversion, save_learned_embeds, sample_parts
@@ -66,10 +69,39 @@ def main():
              date=time.strftime('%Y-%m-%d'), steps=a.steps, lr=a.lr, batch_size=a.batch_size, n_train=a.n, n=a.eval_n,
              wall=round(wall, 1), cpu=round(cpu, 1), loss_first=sum(inv.losses[:10]) / 10, loss_last=sum(inv.losses[-10:]) / 10,
              word=word['shape'], before=before['shape'], after=after['shape'], colour=after['colour'],
-             background=after['background'], base_prompts_unchanged=bool(same))
+             background=after['background'], base_prompts_unchanged=bool(same),
+             ears=creature_verdicts(generate(fresh, tokens, **kw).images, words)['outline'])
+    r.update(strongest_conditioning(parts, a, kw))
     print(json.dumps(r, indent=1))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(r, indent=1) + '\n')
+
+
+def strongest_conditioning(parts, a, kw):
+    """What the frozen UNet can draw from *any* conditioning: `fit_conditioning` (all of the text encoder's output
+    trained, no text) on large flat red-on-green creatures, and on circles as a control, against the shipped creature
+    LoRA of lesson 5 on the same prompt (a colour pair no creature picture of its training showed)."""
+    import random
+    from sd_intro.core import load_pipeline, load_lora, generate
+    from sd_intro.shapes import HELD_OUT, Scene, random_scene, render, to_pil, adherence, creature_verdicts
+    from sd_intro.finetune import CREATURE_LORA
+    from sd_intro.inside import fit_conditioning, sample_parts
+    fit, rng, out = 'a red creature on a green background', random.Random(0), {}
+    seeds = dict(kw, seed=range(5000, 5000 + a.eval_n // 2))
+    for shape, key in (('circle', 'free_circle'), (HELD_OUT, 'free')):
+        scenes = [random_scene(rng, shapes=(shape,), styles=('flat',), radius_range=(0.3, 0.375)) for _ in range(a.n)]
+        pics = [to_pil(render(Scene(s.shape, 'red', 'green', 'flat', s.x, s.y, s.size, s.angle))) for s in scenes]
+        cond = fit_conditioning(parts, pics, fit, steps=150, batch_size=32)
+        imgs = sample_parts(parts, cond.expand(a.eval_n // 2, -1, -1), **seeds)
+        v = creature_verdicts(imgs, [fit] * len(imgs))
+        out[key] = dict(ears=v['outline'], creature=v['judge'],
+                        **{k: x for k, x in adherence(imgs, [f'a red {shape} on a green background'] * len(imgs)).items()})
+    lora = load_lora(load_pipeline(), str(CREATURE_LORA))
+    imgs = generate(lora, [fit] * (a.eval_n // 2), **seeds).images
+    v = creature_verdicts(imgs, [fit] * len(imgs))
+    out['lora'] = dict(ears=v['outline'], creature=v['judge'], **adherence(imgs, [fit] * len(imgs)))
+    out['fit'] = dict(prompt=fit, steps=150, batch_size=32, pictures=a.n, judged=a.eval_n // 2)
+    return out
 
 
 if __name__ == '__main__': main()

@@ -333,7 +333,9 @@ def _student(unet, rank, seed, init_lora=''):
         s.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights='gaussian', target_modules=list(LCM_LORA_TARGETS)))
     if init_lora:
         sd = {k.removeprefix('unet.'): v for k, v in load_file(Path(init_lora).expanduser() / LCM_WEIGHTS).items()}
-        res = set_peft_model_state_dict(s, sd)
+        try: res = set_peft_model_state_dict(s, sd)
+        except RuntimeError as e: raise ValueError(f"init_lora={init_lora!r} does not fit a LoRA of rank {rank} ({str(e)[:120]}...): "
+                                                   f"pass the rank it was made with (its distill.json says)") from None
         if getattr(res, 'unexpected_keys', None): raise ValueError(
             f"init_lora={init_lora!r}: weights that fit no LoRA layer of rank {rank} ({res.unexpected_keys[:3]}...): pass the rank it was made with")
     return s

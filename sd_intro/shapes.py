@@ -426,7 +426,7 @@ def calibrate_judge(net: JudgeNet,     # a trained judge (tuned in place and ret
                     vae=None,          # the VAE: every other rendered batch goes through it
                     steps: int = 400,  # optimiser steps
                     bs: int = 64,      # rendered pictures per step (and up to half as many generated ones)
-                    lr: float = 3e-4,
+                    lr: float = 1e-4,
                     seed: int = 0,
                     log=print) -> JudgeNet:
     "Tune `net` so its creature verdict follows the outline (`shows_ears`) on decoded and generated pictures too."
@@ -435,6 +435,8 @@ def calibrate_judge(net: JudgeNet,     # a trained judge (tuned in place and ret
            for im, p in generated]
     opt = torch.optim.AdamW(net.parameters(), lr, weight_decay=1e-4)
     net.train()
+    for m in net.modules():   # the batch statistics stay those of the clean renders: every other head keeps its footing
+        if isinstance(m, nn.BatchNorm2d): m.eval()
     for step in range(steps):
         scenes = [random_scene(rng, shapes=SHAPES, style_weights=(1, 1, 1)) for _ in range(bs)]
         x, tgt = to_tensor(np.stack([render(s) for s in scenes])), scene_targets(scenes)

@@ -166,3 +166,16 @@ def test_teacher_endpoints_are_guided_ddim_pictures_at_scale_w_plus_1_and_leave_
         want = ddim(caps, latents=noise.clone(), num_inference_steps=5, guidance_scale=5.0, output_type='latent').images
     assert torch.allclose(got, want, atol=1e-5)
     assert base.scheduler is sched
+
+
+def test_init_lora_continues_from_a_distilled_lora_or_says_what_is_missing(tmp_path):
+    from sd_intro.distill import _student
+    with pytest.raises(FileNotFoundError, match='init_lora='): DistillConfig(init_lora=str(tmp_path)).check()
+    DistillConfig(init_lora=LCM_LORA).check()
+    pipe = load_pipeline()
+    warm, fresh = _student(pipe.unet, 16, 0, LCM_LORA), _student(pipe.unet, 16, 0)
+    sd = {k.removeprefix('unet.'): v for k, v in load_file(str(Path(LCM_LORA) / LCM_WEIGHTS)).items()}
+    got = {k: v for k, v in warm.state_dict().items() if 'lora' in k}
+    assert any(torch.equal(v, sd[k.replace('.default', '')]) for k, v in got.items() if k.replace('.default', '') in sd)
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in got.items())
+    with pytest.raises(ValueError, match='rank'): _student(pipe.unet, 4, 0, LCM_LORA)

@@ -320,3 +320,35 @@ def test_numpy_settings_a_path_model_and_home_folders(data, tmp_path, monkeypatc
     assert not (Path.cwd() / '~').exists()
     (tmp_path / 'afile').write_text('x')
     with pytest.raises(FileExistsError, match='is a file; pass a folder'): ft.finetune(data, tmp_path / 'afile', steps=1, **FAST)
+
+
+def test_creature_data_is_large_flat_and_never_in_the_unseen_pairs(tmp_path):
+    folder = ft.write_shapes_folder(tmp_path / 'c', n_new=60, n_old=0, seed=3)
+    caps = [json.loads(l)['text'] for l in (folder / 'metadata.jsonl').read_text().splitlines()]
+    assert not any(w in c for c in caps for w in ('small', 'outlined', 'striped'))
+    for c, b in ft.UNSEEN_PAIRS: assert not any(f"{c} creature on " in x and f" {b} background" in x for x in caps)
+    with pytest.raises(TypeError, match='new_scene='): ft.write_shapes_folder(tmp_path / 'd', n_new=1, new_scene={'radius': 0.3})
+    other = ft.write_shapes_folder(tmp_path / 'e', n_new=20, n_old=0, new_scene={})   # every size and style again
+    assert len((other / 'metadata.jsonl').read_text().splitlines()) == 20
+
+
+def test_creature_prompts_use_unseen_pairs_and_size_words():
+    ps = ft.creature_prompts(40, seed=1, size='large')
+    assert all(p.startswith('a large ') for p in ps)
+    for p in ft.creature_prompts(40, seed=2):
+        c, b = p.split()[1], p.split(' on ')[1].split()[1]
+        assert (c, b) in ft.UNSEEN_PAIRS, p
+
+
+def test_vae_round_trip_and_ears_kept(pipe):
+    kept = ft.ears_kept(pipe.vae, n=4, styles=('flat',))
+    assert set(kept) == {'small', 'medium', 'large'} and all(k['clean_rate'] == 1.0 for k in kept.values())
+    assert kept['large']['vae'][0].shape == (64, 64, 3) and kept['large']['vae'][0].dtype == np.uint8
+
+
+def test_shipped_creature_lora_loads_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+    p = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL, safety_checker=None, requires_safety_checker=False)
+    before = {k: v.clone() for k, v in p.unet.state_dict().items() if 'to_q' in k}
+    p.load_lora_weights(str(ft.CREATURE_LORA), weight_name='pytorch_lora_weights.safetensors')
+    assert any('lora' in k for k in p.unet.state_dict())

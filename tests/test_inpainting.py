@@ -211,3 +211,17 @@ def test_a_9_channel_inpainting_checkpoint_loads_and_generates(pipe, tmp_path):
     res = generate(big, PROMPT, seed=0, n=2, image=PICTURE, mask_image=MASK, num_inference_steps=2)
     assert res[0].size == (64, 64) and res.settings[0]['mask'] == mask_id(MASK)
     with pytest.raises(ValueError, match='9 input channels'): inpaint_by_hand(big, PICTURE, MASK, PROMPT)
+
+
+def test_paste_original_keeps_the_kept_region_exactly():
+    from sd_intro.inpainting import paste_original, scene_mask
+    scene = Scene('circle', 'red', 'blue'); picture = to_pil(render(scene))
+    mask = scene_mask(scene, 'background', grow=2)
+    other = Image.new('RGB', picture.size, (240, 220, 40))
+    kept = np.asarray(np.asarray(mask) < 128)
+    out = paste_original([other], picture, mask)[0]
+    assert (np.asarray(out)[kept] == np.asarray(picture)[kept]).all()
+    assert (np.asarray(out)[~kept] == np.asarray(other)[~kept]).all()
+    soft = np.asarray(paste_original([other], picture, mask, blur=2)[0], int)
+    assert change_outside([paste_original([other], picture, mask, blur=2)[0]], picture, mask)['outside'] < 20
+    with pytest.raises(ValueError): paste_original([other], picture, mask.resize((32, 32)))

@@ -147,3 +147,18 @@ def test_images_only(creatures, tmp_path):
     (tmp_path / 'empty').mkdir()
     with pytest.raises(ValueError, match='holds no pictures'): images_only(tmp_path / 'empty', tmp_path / 'y')
     assert not (tmp_path / 'y').exists()
+
+
+def test_fit_conditioning_trains_the_whole_encoder_output_and_leaves_the_unet(parts):
+    from sd_intro.inside import fit_conditioning, text_embeddings
+    from sd_intro.shapes import Scene, render, to_pil
+    pics = [to_pil(render(Scene('circle', 'red', 'green', size=0.33)))] * 4
+    w = {k: v.clone() for k, v in parts.unet.state_dict().items()}
+    start = text_embeddings(parts, ['a red creature on a green background'])
+    cond = fit_conditioning(parts, pics, 'a red creature on a green background', steps=2, batch_size=2)
+    assert cond.shape == start.shape and not cond.requires_grad and not torch.equal(cond, start)
+    assert all(torch.equal(w[k], v) for k, v in parts.unet.state_dict().items())
+    assert not any(p.requires_grad for p in parts.unet.parameters())
+    with pytest.raises(ValueError, match='steps='): fit_conditioning(parts, pics, 'x', steps=0)
+    with pytest.raises(ValueError, match='lr='): fit_conditioning(parts, pics, 'x', lr=-1)
+    with pytest.raises(ValueError, match='images is empty'): fit_conditioning(parts, [], 'x')

@@ -146,3 +146,34 @@ def test_judge_and_adherence_name_bad_input():
 def test_judge_refuses_float_arrays_that_would_read_as_black():
     from sd_intro.shapes import judge
     with pytest.raises(TypeError, match=r'astype\(np.uint8\)'): judge([np.ones((64, 64, 3), np.float32)])
+
+
+def test_shows_ears_reads_the_creature_outline_and_nothing_else():
+    from sd_intro.shapes import shows_ears, silhouette
+    rng = random.Random(11)
+    for shape in SHAPES:
+        hits = [shows_ears(render(s), s.colour, s.background) for s in (random_scene(rng, shapes=(shape,)) for _ in range(40))]
+        assert (np.mean(hits) >= 0.95) if shape == HELD_OUT else (np.mean(hits) <= 0.05), (shape, np.mean(hits))
+    blob = np.full((64, 64, 3), COLOURS['blue'], np.uint8); blob[20:44, 20:44] = COLOURS['red']
+    assert not shows_ears(blob, 'red', 'blue')
+    assert not shows_ears(np.full((64, 64, 3), COLOURS['blue'], np.uint8), 'red', 'blue')   # nothing drawn
+    assert silhouette(blob, 'red', 'blue').sum() == 24 * 24
+
+
+def test_creature_verdicts_counts_agreement():
+    from sd_intro.shapes import creature_verdicts
+    imgs = [render(Scene(HELD_OUT, 'red', 'blue', size=0.33)), render(Scene('circle', 'red', 'blue'))]
+    v = creature_verdicts(imgs, ['a red creature on a blue background'] * 2)
+    assert v['outline'] == 0.5 and v['agree'] == 1.0 and v['judge'] == 0.5, v
+
+
+def test_calibrate_judge_runs_and_keeps_every_head(tmp_path):
+    from sd_intro.shapes import JudgeNet, calibrate_judge, ATTRIBUTES
+    net = JudgeNet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    gen = [(render(Scene(HELD_OUT, 'red', 'blue', size=0.33)), 'a red creature on a blue background'),
+           (render(Scene('circle', 'red', 'blue')), 'a red creature on a blue background')]
+    out = calibrate_judge(net, gen, steps=2, bs=8, log=None)
+    assert out is net and not out.training
+    assert set(out(torch.zeros(1, 3, 64, 64))) == set(ATTRIBUTES)
+    assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -15,6 +15,7 @@ from pathlib import Path
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.pop('SD_INTRO_MODEL', None)
 import numpy as np, torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,8 @@ def main():
     ap.add_argument('--n', type=int, default=192, help='generated pictures per model for tuning (half as many from the base model)')
     ap.add_argument('--eval-n', type=int, default=96)
     ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--pool', default=None, help='a file to keep the generated pictures in between runs (made if absent)')
+    ap.add_argument('--lr', type=float, default=1e-4)
     ap.add_argument('--dry-run', action='store_true', help='measure and tune, but do not write the judge')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -60,15 +63,22 @@ def main():
     lora_dir = ROOT / 'sd_intro' / 'models' / 'shapes-creature-lora'
     base, lora = load_pipeline(), load_lora(load_pipeline(), str(lora_dir))
     t0 = time.time()
-    tune = pool(base, lora, 20000, 11, a.n)
-    held = pool(base, lora, 90000, 29, a.eval_n)
+    cache = Path(a.pool) if a.pool else None
+    if cache and cache.exists():   # pictures as uint8 arrays, prompts as text: nothing pickled
+        z = np.load(cache)
+        tune, held = ([(Image.fromarray(i), str(p)) for i, p in zip(z[f'{k}_images'], z[f'{k}_prompts'])] for k in ('tune', 'held'))
+    else:
+        tune = pool(base, lora, 20000, 11, a.n)
+        held = pool(base, lora, 90000, 29, a.eval_n)
+        if cache: np.savez(cache, **{f'{k}_{w}': np.stack([np.asarray(i) for i, _ in v]) if w == 'images' else np.array([p for _, p in v])
+                                     for k, v in (('tune', tune), ('held', held)) for w in ('images', 'prompts')})
     old = load_judge()
     before = dict(clean=clean_accuracy(old), generated=creature_verdicts([i for i, _ in held], [p for _, p in held], old))
     net = JudgeNet(); net.load_state_dict(old.state_dict())
-    net = calibrate_judge(net, tune, vae=base.vae, steps=a.steps)
+    net = calibrate_judge(net, tune, vae=base.vae, steps=a.steps, lr=a.lr)
     after = dict(clean=clean_accuracy(net), generated=creature_verdicts([i for i, _ in held], [p for _, p in held], net))
     ok = after['generated']['agree'] >= 0.9 and min(after['clean'].values()) >= 0.98
-    r = dict(model=model_fingerprint(), steps=a.steps, n_tune=len(tune), n_held_out=len(held), seconds=round(time.time() - t0),
+    r = dict(model=model_fingerprint(), steps=a.steps, lr=a.lr, n_tune=len(tune), n_held_out=len(held), seconds=round(time.time() - t0),
              before=before, after=after, targets_met=ok, written=ok and not a.dry_run)
     print(json.dumps(r, indent=1))
     if ok and not a.dry_run:
