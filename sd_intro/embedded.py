@@ -438,7 +438,7 @@ def _stage(folder: Path, load, train):
             f"changed after the stage wrote it. Delete the folder to train that stage again") from None
     obj = train()
     with atomic_dir(folder) as tmp: obj.save_pretrained(tmp)
-    return obj
+    return load(folder)   # as a resumed run gets it (loading may choose other kernels than building did): the same bits after
 
 def _drop_dead_temporaries(work: Path):
     "Remove the temporary stage folders (.tmp-STAGE-PID) that runs killed while saving left in `work`; a live run's are kept."
