@@ -495,7 +495,8 @@ def make_scheduler(sampler: str,                # a sampler name (ours or the we
     cls, over = scheduler_spec(sampler, schedule_type)
     now = _scheduler_class(str(dict(config).get('_class_name', '')))
     family = lambda c: {c.__name__, *getattr(c, '_compatibles', [])} if c is not None else set()
-    if now is not None and cls is not now and not family(now) & family(cls) and cls.__name__ != 'LCMScheduler':
+    sd = family(_scheduler_class('DDIMScheduler')) | {'LCMScheduler'}   # Stable Diffusion's samplers, and the LCM's
+    if now is not None and cls is not now and not family(now) & family(cls) and not {now.__name__, cls.__name__} <= sd:
         raise ValueError(f"sampler={sampler!r} ({cls.__name__}) does not work with this pipeline's {now.__name__}: it "
                          f"samples another kind of model (e.g. a flow-matching one). Use one of {list(A1111_SAMPLERS)}")
     try: return cls.from_config(config, **over)

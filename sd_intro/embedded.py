@@ -455,7 +455,7 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`; killed at any point, run it again to resume."
     from transformers import CLIPTextModel, CLIPTokenizer
     from diffusers import AutoencoderKL
-    device = check_device(device)
+    device, log = check_device(device), log or (lambda *a: None)
     out = Path(out); work = Path(work or out.with_name(out.name + '_work')); work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _drop_dead_temporaries(work)

@@ -1,5 +1,5 @@
 "Reliability round 4 (issue 31), trainers: killed with SIGKILL at a point, each trainer resumes to the uninterrupted run's result, validation pictures included; nothing is unpickled; damaged or edited state is named with the fix; no user file is deleted."
-import json, os, pickle, signal, subprocess, sys, textwrap, warnings
+import json, os, pickle, shutil, signal, subprocess, sys, textwrap, warnings
 from pathlib import Path
 import numpy as np
 import pytest
@@ -158,7 +158,8 @@ def lcm_whole(tmp_path_factory):
 KILL_DISTILL = {
     'after step 2': "log = lambda m: kill() if m.startswith('step 2') else None",
     'while saving the LoRA': "log = None\nD.save_lcm_lora = lambda *a, **k: kill()",
-    'while writing a checkpoint': """log = None
+    'while writing a checkpoint': """
+        log = None
         orig = D._save_atomic
         def save(obj, path):
             if path.name == 'checkpoint.pt' and obj['step'] == 2:
@@ -227,6 +228,9 @@ def _weights(folder):
 def test_make_embedded_killed_in_two_stages_resumes_bit_identically(tmp_path):
     make_embedded(tmp_path / 'whole', tmp_path / 'whole-work', log=None, **EMB)
     out, work = tmp_path / 'run', tmp_path / 'run-work'
+    # the tokenizer stage is kept with a run because `tokenizers` breaks BPE ties differently in each process; this run
+    # was killed after it (a kill inside it leaves no tokenizer/, and the rebuilt one may number pieces otherwise)
+    shutil.copytree(tmp_path / 'whole-work' / 'tokenizer', work / 'tokenizer')
     call = f"make_embedded({str(out)!r}, {str(work)!r}, log=log, **{EMB!r})\n"
     killed(tmp_path, "from sd_intro.embedded import make_embedded\n"
                      "log = lambda m: kill() if m.startswith('vae step 0') else None\n" + call)
@@ -237,7 +241,8 @@ def test_make_embedded_killed_in_two_stages_resumes_bit_identically(tmp_path):
     make_embedded(out, work, log=said.append, **EMB)
     assert 'resumed at step 2' in said
     a, b = _weights(tmp_path / 'whole'), _weights(out)
-    assert len(a) > 100 and same_tensors(a, b)
+    assert len(a) > 100 and a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_the_unet_stage_loads_no_pickled_code_and_names_a_damaged_checkpoint(tmp_path):
