@@ -17,13 +17,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
-__all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
-           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'EXTRA_FIELDS', 'MAX_AREA',
-           'image_grid', 'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
-           'loading_error', 'load_pipeline', 'load_lora', 'lora_record', 'generators', 'seeds_for', 'split_sampler',
-           'sampler_name', 'scheduler_spec', 'scheduler_for', 'make_scheduler', 'hooked_step', 'check_guidance',
-           'pipe_params', 'check_steps', 'SizeNote', 'check_size', 'check_call', 'Generation', 'pipe_defaults',
-           'prompts_for', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings', 'pipe_lock', 'generate', 'quote',
+__all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'EXTRA_FIELDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
+           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'MAX_AREA', 'image_grid',
+           'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
+           'loading_error', 'load_pipeline', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings', 'load_lora',
+           'lora_record', 'generators', 'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for',
+           'make_scheduler', 'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size',
+           'check_call', 'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote',
            'format_parameters', 'parse_parameters', 'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image',
            'exif_parameters', 'read_settings', 'replaying', 'check_record', 'replay']
 
@@ -292,7 +292,7 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
             kw['requires_safety_checker'] = model.config.get('requires_safety_checker', kw.get('safety_checker') is not None)
         pipe = cls(**kw)
         pipe.sd_intro_model = getattr(model, 'sd_intro_model', model.config.get('_name_or_path', ''))
-        pipe.sd_intro_extras = pipe_extras(model)   # the same UNet: the same LoRA (LCM, ...) on it
+        pipe.sd_intro_extras = list(getattr(model, 'sd_intro_extras', None) or [])   # the same UNet: the same LoRA (LCM, ...)
         pipe.set_progress_bar_config(**getattr(model, '_progress_bar_config', {}))
         return pipe
     model = resolve_model(model)
@@ -327,6 +327,38 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
 
 
 # %% ../nbs/00_core.ipynb #7ab4e302
+# What is loaded onto a pipeline beyond its model (a LoRA, an LCM-LoRA; a ControlNet is added the same way): each is an
+# `Extra` with the settings field that names it. `generate` records every extra's field in each picture's settings and
+# runs its check first; `replaying` warns when a record names extras the pipeline lacks (or the other way round).
+# A new kind of extra: an entry in EXTRA_FIELDS (its field and how to load it) and `add_extra` where it is loaded.
+EXTRA_FIELDS = {'Lora hashes': "load the LoRA first: load_lora(pipe, FOLDER); for an LCM-LoRA, "
+                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)"}
+
+@dataclass
+class Extra:
+    "Something loaded onto a pipeline beyond its model: the settings field and value that record it, and what it checks."
+    field: str                 # the settings field naming it, as the web UI writes it (a key of `EXTRA_FIELDS`)
+    value: str                 # what the field says, e.g. 'shapes-lcm-lora: 3f2a1c9b0d4e' (name: hash)
+    check: Any = None          # check(pipe, num_inference_steps, guidance_scale, negative_prompt): refuse or warn before a run
+    guides: bool = False       # its check judges the guidance scale (generate's own advice would be wrong, e.g. for an LCM)
+
+def pipe_extras(pipe) -> list[Extra]:
+    "The extras loaded onto `pipe` (`add_extra`), oldest first."
+    return list(getattr(pipe, 'sd_intro_extras', None) or [])
+
+def add_extra(pipe, extra: Extra):
+    "Record `extra` on `pipe` (replacing one with the same field and value): pictures name it, `generate` runs its check, `replay` compares it."
+    if extra.field not in EXTRA_FIELDS: raise ValueError(f"extra field {extra.field!r} is not one of {list(EXTRA_FIELDS)}; "
+                                                         f"add it to sd_intro.core.EXTRA_FIELDS with how to load it")
+    pipe.sd_intro_extras = [e for e in pipe_extras(pipe) if (e.field, e.value) != (extra.field, extra.value)] + [extra]
+    return pipe
+
+def extra_settings(pipe) -> dict[str, str]:
+    "The settings fields `pipe`'s extras add to each picture's record: {field: value}, several values of one field joined by ', '."
+    out = {}
+    for e in pipe_extras(pipe): out[e.field] = f"{out[e.field]}, {e.value}" if e.field in out else e.value
+    return out
+
 class _NoTextEncoderLoraNote(logging.Filter):
     "Drop diffusers' note that a LoRA file holds no weights for a text encoder (notes about the UNet pass)."
     def filter(self, record):
@@ -495,7 +527,8 @@ def make_scheduler(sampler: str,                # a sampler name (ours or the we
     cls, over = scheduler_spec(sampler, schedule_type)
     now = _scheduler_class(str(dict(config).get('_class_name', '')))
     family = lambda c: {c.__name__, *getattr(c, '_compatibles', [])} if c is not None else set()
-    if now is not None and cls is not now and not family(now) & family(cls) and cls.__name__ != 'LCMScheduler':
+    sd = family(_scheduler_class('DDIMScheduler')) | {'LCMScheduler'}   # Stable Diffusion's samplers, and the LCM's
+    if now is not None and cls is not now and not family(now) & family(cls) and not {now.__name__, cls.__name__} <= sd:
         raise ValueError(f"sampler={sampler!r} ({cls.__name__}) does not work with this pipeline's {now.__name__}: it "
                          f"samples another kind of model (e.g. a flow-matching one). Use one of {list(A1111_SAMPLERS)}")
     try: return cls.from_config(config, **over)
@@ -688,38 +721,6 @@ def prompts_for(prompt: str | Sequence[str], # one prompt, or one per image
     if len(prompts) > MAX_IMAGES: raise ValueError(
         f"{len(prompts)} prompts: one generate call makes its images in one batch, at most {MAX_IMAGES}; split the list")
     return prompts
-
-# What is loaded onto a pipeline beyond its model (a LoRA, an LCM-LoRA; a ControlNet is added the same way): each is an
-# `Extra` with the settings field that names it. `generate` records every extra's field in each picture's settings and
-# runs its check first; `replaying` warns when a record names extras the pipeline lacks (or the other way round).
-# A new kind of extra: an entry in EXTRA_FIELDS (its field and how to load it) and `add_extra` where it is loaded.
-EXTRA_FIELDS = {'Lora hashes': "load the LoRA first: load_lora(pipe, FOLDER); for an LCM-LoRA, "
-                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)"}
-
-@dataclass
-class Extra:
-    "Something loaded onto a pipeline beyond its model: the settings field and value that record it, and what it checks."
-    field: str                 # the settings field naming it, as the web UI writes it (a key of `EXTRA_FIELDS`)
-    value: str                 # what the field says, e.g. 'shapes-lcm-lora: 3f2a1c9b0d4e' (name: hash)
-    check: Any = None          # check(pipe, num_inference_steps, guidance_scale, negative_prompt): refuse or warn before a run
-    guides: bool = False       # its check judges the guidance scale (generate's own advice would be wrong, e.g. for an LCM)
-
-def pipe_extras(pipe) -> list[Extra]:
-    "The extras loaded onto `pipe` (`add_extra`), oldest first."
-    return list(getattr(pipe, 'sd_intro_extras', None) or [])
-
-def add_extra(pipe, extra: Extra):
-    "Record `extra` on `pipe` (replacing one with the same field and value): pictures name it, `generate` runs its check, `replay` compares it."
-    if extra.field not in EXTRA_FIELDS: raise ValueError(f"extra field {extra.field!r} is not one of {list(EXTRA_FIELDS)}; "
-                                                         f"add it to sd_intro.core.EXTRA_FIELDS with how to load it")
-    pipe.sd_intro_extras = [e for e in pipe_extras(pipe) if (e.field, e.value) != (extra.field, extra.value)] + [extra]
-    return pipe
-
-def extra_settings(pipe) -> dict[str, str]:
-    "The settings fields `pipe`'s extras add to each picture's record: {field: value}, several values of one field joined by ', '."
-    out = {}
-    for e in pipe_extras(pipe): out[e.field] = f"{out[e.field]}, {e.value}" if e.field in out else e.value
-    return out
 
 _LOCKS, _LOCKS_LOCK = weakref.WeakKeyDictionary(), threading.Lock()
 

@@ -438,7 +438,7 @@ def _stage(folder: Path, load, train):
             f"changed after the stage wrote it. Delete the folder to train that stage again") from None
     obj = train()
     with atomic_dir(folder) as tmp: obj.save_pretrained(tmp)
-    return obj
+    return load(folder)   # as a resumed run gets it (loading may choose other kernels than building did): the same bits after
 
 def _drop_dead_temporaries(work: Path):
     "Remove the temporary stage folders (.tmp-STAGE-PID) that runs killed while saving left in `work`; a live run's are kept."
@@ -455,7 +455,7 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     "Build and train the embedded model from scratch into `out` (a diffusers folder), with checkpoints in `work`; killed at any point, run it again to resume."
     from transformers import CLIPTextModel, CLIPTokenizer
     from diffusers import AutoencoderKL
-    device = check_device(device)
+    device, log = check_device(device), log or (lambda *a: None)
     out = Path(out); work = Path(work or out.with_name(out.name + '_work')); work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _drop_dead_temporaries(work)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
-from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL, _real, _whole
+from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL,
+                   Extra, add_extra, lora_record, _real, _whole)
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE, SIZE_CUTS, random_scene, render, caption, to_pil
 
@@ -913,6 +914,9 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
             if other.is_dir(): shutil.rmtree(other)   # an overwritten run of the other method: one result per folder
         acc.wait_for_everyone()
         saved = out / ('pipeline' if cfg.method == 'full' else 'lora')
+        # the pictures of the tuned pipeline say what made them: the saved pipeline folder, or the base model and the LoRA
+        if cfg.method == 'full': pipe.sd_intro_model = str(saved)
+        elif saved.is_dir(): add_extra(pipe, Extra('Lora hashes', lora_record(saved)))
     unet.eval()
     return FinetuneResult(pipe=pipe, losses=losses, validation=history, config=cfg, out=out, saved=saved,
                           seconds=seconds, step=stop, main_process=acc.is_main_process)
