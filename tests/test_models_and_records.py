@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import sd_intro.finetune as ft
-from sd_intro.core import (EMBEDDED_MODEL, generate, load_lora, load_pipeline, make_scheduler, pipe_extras, read_settings,
-                           replay, save_image)
+from sd_intro.core import (EMBEDDED_MODEL, generate, load_lora, load_pipeline, make_scheduler, read_settings, replay,
+                           save_image)
 from sd_intro.distill import LCM_LORA, lcm_generate, lcm_pipeline
 
 PROMPT = 'a red circle on a blue background'
@@ -71,6 +71,7 @@ def test_an_lcm_picture_names_its_lora_and_replays_on_the_lcm_only(lcm, pipe, tm
 def test_a_finetune_lora_is_refused_as_an_lcm_and_recorded_when_loaded(tuned_lora, tmp_path):
     with pytest.raises(ValueError, match=r"is not an LCM-LoRA: it has no distill.json and adapts only attention layers"):
         lcm_pipeline(lora=tuned_lora)
+    from sd_intro.core import pipe_extras
     p = load_lora(load_pipeline(), tuned_lora)
     res = generate(p, PROMPT, num_inference_steps=2)
     assert res.settings[0]['extras']['Lora hashes'].startswith('lora: ')
