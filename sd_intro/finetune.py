@@ -922,7 +922,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
                           seconds=seconds, step=stop, main_process=acc.is_main_process)
 
 # %% ../nbs/05_finetuning.ipynb #46e4384c
-CREATURE_LORA = Path(__file__).parent / 'models' / 'shapes-creature-lora'   # the longer run's LoRA, shipped (recipe 'shapes-creature')
+CREATURE_LORA = Path(EMBEDDED_MODEL).parent / 'shapes-creature-lora'   # the longer run's LoRA, shipped (recipe 'shapes-creature')
 
 def creature_prompts(n: int = 32, seed: int = 0, shape: str = HELD_OUT,
                      size: str = '',     # a size word ('large', 'small') or none
