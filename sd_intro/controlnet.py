@@ -45,6 +45,24 @@ __all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTRO
            'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
            'iou_by_step', 'main']
 
+# %% auto #0
+__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
+           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'from_drawing', 'make_controlnet',
+           'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou', 'ControlScores',
+           'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled', 'edge_map',
+           'load_controlnet', 'controlnet_pipeline', 'control_mask', 'ControlNetConfig', 'resumable_checkpoint',
+           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
+           'iou_by_step', 'main']
+
+# %% auto #0
+__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
+           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask', 'from_drawing',
+           'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou',
+           'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled',
+           'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig', 'resumable_checkpoint',
+           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
+           'iou_by_step', 'main']
+
 # %% ../nbs/08_controlnet.ipynb #controls
 CONTROL_KINDS = ('silhouette', 'outline', 'scribble')
 
@@ -83,6 +101,13 @@ def control_image(scene: Scene, kind: str = 'silhouette', seed: int = 0, size: i
     if kind == 'outline': return outline(scene, size)
     if kind == 'scribble': return scribble(scene, seed, size)
     raise ValueError(f"kind={kind!r} is not one of {list(CONTROL_KINDS)}")
+
+# %% ../nbs/08_controlnet.ipynb #mask
+def control_mask(control: Image.Image) -> np.ndarray:
+    "The region a control asks for, as a boolean H x W mask: its white part with the holes filled (an outline's inside)."
+    from scipy import ndimage
+    a = np.asarray(control.convert('L')) >= 128
+    return ndimage.binary_fill_holes(ndimage.binary_closing(a, iterations=2) | a)
 
 # %% ../nbs/08_controlnet.ipynb #drawing
 def from_drawing(drawing,               # a PIL image or path: dark lines on light paper, or light on dark
@@ -356,13 +381,6 @@ def controlnet_pipeline(pipe,                  # a loaded pipeline of the base m
     p.sd_intro_model = pipe_defaults(pipe)['model']
     p.set_progress_bar_config(**getattr(pipe, '_progress_bar_config', {}))
     return p
-
-# %% ../nbs/08_controlnet.ipynb #mask
-def control_mask(control: Image.Image) -> np.ndarray:
-    "The region a control asks for, as a boolean H x W mask: its white part with the holes filled (an outline's inside)."
-    from scipy import ndimage
-    a = np.asarray(control.convert('L')) >= 128
-    return ndimage.binary_fill_holes(ndimage.binary_closing(a, iterations=2) | a)
 
 # %% ../nbs/08_controlnet.ipynb #config
 @dataclass
