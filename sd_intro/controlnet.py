@@ -63,6 +63,15 @@ __all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTRO
            'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
            'iou_by_step', 'main']
 
+# %% auto #0
+__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
+           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask', 'from_drawing',
+           'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou',
+           'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled',
+           'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig', 'resumable_checkpoint',
+           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
+           'iou_by_step', 'main']
+
 # %% ../nbs/08_controlnet.ipynb #controls
 CONTROL_KINDS = ('silhouette', 'outline', 'scribble')
 
