@@ -18,14 +18,15 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'EXTRA_FIELDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
-           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'MAX_AREA', 'image_grid',
-           'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
+           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'CONTROL_FIELDS', 'MAX_AREA',
+           'image_grid', 'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
            'loading_error', 'load_pipeline', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings', 'load_lora',
            'lora_record', 'generators', 'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for',
            'make_scheduler', 'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size',
-           'check_call', 'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock', 'generate', 'quote',
-           'format_parameters', 'parse_parameters', 'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image',
-           'exif_parameters', 'read_settings', 'replaying', 'check_record', 'replay']
+           'control_id', 'check_control_image', 'check_call', 'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock',
+           'generate', 'control_settings', 'quote', 'format_parameters', 'parse_parameters', 'atomic_dir',
+           'atomic_file', 'save_pipeline', 'save_image', 'exif_parameters', 'read_settings', 'replaying',
+           'check_record', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
 def _font(size: int):
@@ -598,6 +599,56 @@ def check_size(height: int | None, width: int | None, pipe=None):
                           f"model draws several shapes at 96-256 px and broken ones at 48 or 72 px; real Stable "
                           f"Diffusion 1.x does the same away from 512 px). Said once per pipeline.", SizeNote, stacklevel=3)
 
+# %% ../nbs/00_core.ipynb #9ec6d053
+def control_id(control) -> str:
+    "A short fingerprint of a ControlNet's control picture as the pipeline reads it (its RGB pixels): what settings record for it."
+    import hashlib
+    if isinstance(control, (list, tuple)): control = control[0]
+    a = np.asarray(control.convert('RGB') if isinstance(control, Image.Image) else control)
+    return 'c' + hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:11]
+
+def check_control_image(control,              # PIL image, H x W (x 3) uint8 array, a path, or a list of them (one per image)
+                        pipe=None,            # the ControlNet pipeline (for its picture size)
+                        what: str = 'image',  # the keyword it came in (`image`, or `control_image` for img2img/inpainting)
+                        n: int = 1,           # images to make
+                        size: tuple | None = None # (width, height) of the pictures (default: the model's own)
+                       ):
+    "A ControlNet's control picture as an RGB PIL image (or a list, one per image), or a clear error: missing, wrong type, colour mode or size."
+    if control is None: raise ValueError(
+        f"generate: a ControlNet pipeline needs {what}=, the control picture (white lines or a filled shape on black, "
+        f"the size of the pictures), e.g. sd_intro.controlnet.silhouette(scene), or from_drawing('my_drawing.png')")
+    if isinstance(control, (list, tuple)):
+        if len(control) not in (1, n): raise ValueError(
+            f"{what}: {len(control)} control pictures for {n} images; pass one (used for every image) or one per image")
+        return [check_control_image(c, pipe, what, 1, size) for c in control]
+    c = control
+    if isinstance(c, (str, os.PathLike)):
+        p = Path(c).expanduser()
+        if not p.is_file(): raise FileNotFoundError(f"{what}={str(c)!r}: no such file; pass the control picture's path or a PIL image")
+        c = Image.open(p); c.load()
+    if isinstance(c, np.ndarray):
+        if c.dtype != np.uint8 or c.ndim not in (2, 3) or (c.ndim == 3 and c.shape[-1] != 3): raise TypeError(
+            f"{what} is an array of {c.dtype} with shape {c.shape}; pass an H x W x 3 (or H x W) uint8 array, or a PIL image")
+        c = Image.fromarray(c)
+    if torch.is_tensor(c): return c   # diffusers' own tensors in [0, 1] go as they are
+    if not isinstance(c, Image.Image): raise TypeError(
+        f"{what} is a {type(c).__name__}; pass the control picture as a PIL image, a uint8 array or a path")
+    if c.mode in ('RGBA', 'LA', 'PA') or (c.mode == 'P' and 'transparency' in c.info): raise ValueError(
+        f"{what} has mode {c.mode!r}, with transparency: the pipeline drops it, and lines drawn on a transparent sheet "
+        f"vanish into black. Flatten it first: Image.alpha_composite(Image.new('RGBA', c.size, 'white'), c).convert('RGB') "
+        f"(then from_drawing to make it white on black)")
+    if c.mode not in ('RGB', 'L', '1', 'P'): raise ValueError(
+        f"{what} has mode {c.mode!r}; a control picture is RGB or grey: convert it with {what}.convert('RGB')")
+    c = c.convert('RGB')
+    if pipe is not None or size is not None:
+        d = pipe_defaults(pipe) if pipe is not None else {}
+        w, h = size or (d['width'], d['height'])
+        if c.size != (w, h): raise ValueError(
+            f"{what} is {c.width}x{c.height} but the pictures are {w}x{h}: the ControlNet reads its control at the "
+            f"picture's size (diffusers would stretch it silently); resize it, e.g. {what}.resize(({w}, {h})), or make "
+            f"it at that size (sd_intro.controlnet.from_drawing(drawing, size={w}))")
+    return c
+
 # %% ../nbs/00_core.ipynb #3f3ed768
 def _meant(pipe, k: str, names: dict) -> str:
     "What keyword `k`, which `pipe` does not take, was meant to be."
@@ -662,6 +713,14 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         if int(num_inference_steps * st) < 1:
             raise ValueError(f"img2img runs int(num_inference_steps x strength) = int({num_inference_steps} x {st}) = 0 "
                              f"steps: raise num_inference_steps to at least {math.ceil(1 / st)}, or the strength")
+    if getattr(pipe, 'controlnet', None) is not None and names is not None:   # a ControlNet pipeline: its control picture
+        key, start = ('control_image' if 'control_image' in names else 'image'), kwargs.get('image')
+        size = start.size if key == 'control_image' and isinstance(start, Image.Image) else \
+            (kwargs.get('width') or pipe_defaults(pipe)['width'], kwargs.get('height') or pipe_defaults(pipe)['height'])
+        kwargs[key] = check_control_image(kwargs.get(key), pipe, key, len(prompts), size)
+        sc = kwargs.get('controlnet_conditioning_scale', 1.0)
+        if not _real(sc) or sc < 0: raise ValueError(f"controlnet_conditioning_scale={sc!r}: use 0 (no control) or more (1.0 is usual)")
+        kwargs['controlnet_conditioning_scale'] = float(sc)   # diffusers takes a float only
     sched = getattr(pipe, 'scheduler', None)
     if type(sched).__name__ == 'PNDMScheduler' and not sched.config.get('skip_prk_steps') and num_inference_steps < 4:
         raise ValueError(f"num_inference_steps={num_inference_steps}: PLMS (PNDMScheduler) with Runge-Kutta warm-up "
@@ -790,15 +849,30 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
             from sd_intro.inpainting import mask_id
             st['mask'] = mask_id(kwargs['mask_image'])
             if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
+        if getattr(pipe, 'controlnet', None) is not None: st.update(control_settings(pipe, kwargs, len(settings)))
         if kwargs.get('clip_skip'): st['clip_skip'] = kwargs['clip_skip'] + 1   # the web UI counts the last layer as 1
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
+
+def control_settings(pipe, kwargs: dict, i: int = 0) -> dict:
+    "What image `i`'s settings record of a ControlNet pipeline's call: which ControlNet, its scale, and a fingerprint of the control picture."
+    cn = pipe.controlnet
+    ctl = kwargs.get('control_image' if 'control_image' in (pipe_params(pipe) or {}) else 'image')
+    st = dict(controlnet=getattr(cn, 'sd_intro_model', '') or cn.config.get('_name_or_path', '') or type(cn).__name__,
+              control=control_id(ctl[min(i, len(ctl) - 1)] if isinstance(ctl, (list, tuple)) else ctl),
+              control_scale=kwargs.get('controlnet_conditioning_scale', 1.0))
+    for k in ('control_guidance_start', 'control_guidance_end', 'guess_mode'):
+        if kwargs.get(k) is not None: st[k] = kwargs[k]
+    return st
 
 # %% ../nbs/00_core.ipynb #2786f774
 def quote(v) -> str:
     "`v` as the web UI writes a value in `parameters`: in JSON quotes when it holds ',', ':' or a line break."
     t = str(v)
     return json.dumps(t, ensure_ascii=False) if any(ch in t for ch in ',:\n') else t
+
+CONTROL_FIELDS = {'controlnet': 'ControlNet', 'control': 'Control', 'control_scale': 'Control scale',
+                  'control_guidance_start': 'Control start', 'control_guidance_end': 'Control end', 'guess_mode': 'Guess mode'}
 
 def format_parameters(s: dict) -> str:
     "Settings as the AUTOMATIC1111 web UI writes its `parameters` text: prompt, 'Negative prompt: ...', then 'Steps: ..., Sampler: ...'."
@@ -808,6 +882,7 @@ def format_parameters(s: dict) -> str:
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
           ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
           ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
+    kv += [(k, s.get(f)) for f, k in CONTROL_FIELDS.items()]
     kv += list((s.get('extras') or {}).items()) + list((s.get('extra') or {}).items())
     params = ', '.join(f"{k}: {quote(v)}" for k, v in kv if v is not None and v != '')
     neg = f"\nNegative prompt: {s['negative_prompt']}" if s.get('negative_prompt') else ''
@@ -861,6 +936,9 @@ def parse_parameters(text: str) -> dict:
         elif k == 'Mask': s['mask'] = v
         elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
         elif k in EXTRA_FIELDS: s.setdefault('extras', {})[k] = v   # what was loaded onto the pipeline (a LoRA, ...)
+        elif k in CONTROL_FIELDS.values():
+            f = next(f for f, name in CONTROL_FIELDS.items() if name == k)
+            s[f] = v == 'True' if f == 'guess_mode' else _number(k, v, float) if f in ('control_scale', 'control_guidance_start', 'control_guidance_end') else v
         else: extra[k] = v
     if extra: s['extra'] = extra
     return s
@@ -1058,7 +1136,8 @@ def check_record(s: dict, # settings, as `read_settings` gives them
 def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with settings, or the settings themselves
            pipe,                                         # the pipeline to run (its scheduler is swapped if needed)
            image=None,                                   # img2img and inpainting: the starting picture (not in the PNG)
-           mask_image=None                               # inpainting: the mask (not in the PNG either)
+           mask_image=None,                              # inpainting: the mask (not in the PNG either)
+           control_image=None                            # ControlNet: the control picture (not in the PNG either)
           ) -> Image.Image:
     "Make the image described by `src` again."
     if hasattr(src, 'components'): raise TypeError("replay(src, pipe): the PNG or settings come first, then the pipeline")
@@ -1084,6 +1163,27 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
             f"replay: mask_image is not the mask these settings were made with ({s['mask']}), so the picture will differ")
         kw['mask_image'] = mask_image
     check_record(s, pipe)
+    controlled = getattr(pipe, 'controlnet', None) is not None
+    if 'control' in s or controlled or control_image is not None:
+        if 'control' not in s: raise ValueError(
+            "replay: these settings were made without a ControlNet: replay them on a pipeline without one" if controlled else
+            "replay: control_image= was given, but these settings were made without a ControlNet; leave it out")
+        if not controlled: raise ValueError(
+            f"replay: these settings are from ControlNet {s.get('controlnet')!r}: pass a ControlNet pipeline "
+            f"(sd_intro.controlnet.controlnet_pipeline(pipe, controlnet)) and control_image=")
+        if control_image is None: raise ValueError(
+            f"replay: these settings are from a ControlNet (control picture {s['control']}), and a PNG does not hold the "
+            f"control picture: pass control_image= (sd_intro.controlnet.save_controlled writes it beside the picture, "
+            f"and replay_controlled reads it back)")
+        if control_id(check_control_image(control_image)) != s['control']: warnings.warn(
+            f"replay: control_image is not the control picture these settings were made with ({s['control']}), so the "
+            f"picture will differ")
+        name = getattr(pipe.controlnet, 'sd_intro_model', '') or pipe.controlnet.config.get('_name_or_path', '')
+        if s.get('controlnet') and Path(str(s['controlnet'])).name != Path(str(name)).name: warnings.warn(
+            f"replay: these settings were made with ControlNet {s['controlnet']!r}; this pipeline's is {name!r}")
+        kw['control_image' if 'control_image' in (pipe_params(pipe) or {}) else 'image'] = control_image
+        kw['controlnet_conditioning_scale'] = s.get('control_scale', 1.0)
+        kw.update({k: s[k] for k in ('control_guidance_start', 'control_guidance_end', 'guess_mode') if k in s})
     if s.get('clip_skip', 1) != 1: kw['clip_skip'] = s['clip_skip'] - 1   # diffusers counts the layers skipped
     extra = s.get('extra') or {}
     unused = ', '.join(f"{k}: {v}" for k, v in extra.items() if k not in _INFO_ONLY)

@@ -1,0 +1,175 @@
+"sd_intro.controlnet: public API, bad input, kill -9 and resume, and the shipped ControlNet loaded by plain diffusers."
+import json, os, pickle, signal, subprocess, sys, time, warnings
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd_intro.core import load_pipeline, generate, save_image, read_settings, replay, EMBEDDED_MODEL
+from sd_intro.shapes import Scene
+from sd_intro.controlnet import (CONTROLNET_MODEL, ControlNetConfig, checkpoints, clear_run, control_batch, control_mask,
+                                 controlnet_pipeline, from_drawing, load_controlnet, make_controlnet, outline,
+                                 replay_controlled, resumable_checkpoint, save_controlled, scribble, silhouette,
+                                 train_controlnet)
+
+ROOT = Path(__file__).resolve().parents[1]
+STAR = Scene('star', 'white', 'black', x=0.5, y=0.45, size=0.3)
+TINY = ['--steps', '4', '--batch-size', '2', '--checkpoint-every', '1', '--validation-images', '2', '--validation-steps', '2',
+        '--threads', '1', '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def cpipe(pipe): return controlnet_pipeline(pipe)
+
+
+def test_controls():
+    for img in (silhouette(STAR), outline(STAR), scribble(STAR, seed=2)):
+        assert img.size == (64, 64) and img.mode == 'RGB'
+    full, ring, shaky = (control_mask(f(STAR)) for f in (silhouette, outline, scribble))
+    assert abs(int(ring.sum()) - int(full.sum())) < 0.1 * full.sum()      # an outline asks for its inside
+    assert (shaky & full).sum() / (shaky | full).sum() > 0.6
+    paper = Image.new('RGB', (256, 256), 'white')
+    assert np.asarray(from_drawing(paper)).max() == 0                     # white paper: a black control
+    a, b = control_batch(5, 3, seed=1), control_batch(5, 3, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_zero_init_is_bit_identical(pipe):
+    cn = make_controlnet(pipe.unet, zero_embedding_out=False)
+    c = controlnet_pipeline(pipe, cn)
+    a = generate(pipe, 'a red star on a blue background', seed=[1, 2], num_inference_steps=4)
+    b = generate(c, 'a red star on a blue background', seed=[1, 2], image=silhouette(STAR), num_inference_steps=4)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_bad_control_images(cpipe, tmp_path):
+    with pytest.raises(ValueError, match='needs image='): generate(cpipe, 'a red star', num_inference_steps=2)
+    with pytest.raises(ValueError, match=r'512x512 but the pictures are 64x64'):
+        generate(cpipe, 'a red star', image=Image.new('RGB', (512, 512)), num_inference_steps=2)
+    with pytest.raises(ValueError, match='transparency'):
+        generate(cpipe, 'a red star', image=Image.new('RGBA', (64, 64)), num_inference_steps=2)
+    with pytest.raises(ValueError, match="mode 'I'"):
+        generate(cpipe, 'a red star', image=Image.new('I', (64, 64)), num_inference_steps=2)
+    with pytest.raises(FileNotFoundError, match='no such file'):
+        generate(cpipe, 'a red star', image=tmp_path / 'missing.png', num_inference_steps=2)
+    with pytest.raises(ValueError, match='controlnet_conditioning_scale=-1'):
+        generate(cpipe, 'a red star', image=silhouette(STAR), controlnet_conditioning_scale=-1, num_inference_steps=2)
+    with pytest.raises(ValueError, match='2 control pictures for 3 images'):
+        generate(cpipe, 'a red star', n=3, image=[silhouette(STAR)] * 2, num_inference_steps=2)
+
+
+def test_record_and_replay(pipe, cpipe, tmp_path):
+    ctl = scribble(STAR, seed=1)
+    res = generate(cpipe, 'a red star on a blue background', seed=3, image=ctl, controlnet_conditioning_scale=0.8,
+                   num_inference_steps=4)
+    s = res.settings[0]
+    assert s['control_scale'] == 0.8 and s['controlnet'] == 'shapes-controlnet' and s['control'].startswith('c')
+    png, cpng = save_controlled(res[0], tmp_path / 'star.png', s, ctl)
+    back = read_settings(png)
+    assert {k: back[k] for k in ('controlnet', 'control', 'control_scale')} == {k: s[k] for k in ('controlnet', 'control', 'control_scale')}
+    assert np.array_equal(np.asarray(replay_controlled(png, cpipe)), np.asarray(res[0]))
+    with pytest.raises(ValueError, match='pass control_image='): replay(png, cpipe)
+    with pytest.raises(ValueError, match='pass a ControlNet pipeline'): replay(png, pipe, control_image=ctl)
+    with pytest.warns(UserWarning, match='not the control picture'): replay(png, cpipe, control_image=silhouette(STAR))
+    with pytest.raises(ValueError, match='not the control picture these settings'):
+        save_controlled(res[0], tmp_path / 'x.png', s, silhouette(STAR))
+    assert not (tmp_path / 'x.png').exists() and not (tmp_path / 'x.control.png').exists()
+    plain = generate(pipe, 'a red star', num_inference_steps=2)
+    with pytest.raises(ValueError, match='made without a ControlNet'): replay(plain.settings[0], cpipe)
+
+
+def test_config_and_folder_refusals(tmp_path):
+    with pytest.raises(ValueError, match='lr=0'): ControlNetConfig(lr=0)
+    with pytest.raises(ValueError, match='kinds='): ControlNetConfig(kinds=('edges',))
+    with pytest.raises(TypeError, match=r"\['batchsize'\]"): train_controlnet(tmp_path / 'r', batchsize=3)
+    (tmp_path / 'f').write_text('x')
+    with pytest.raises(FileExistsError, match='is a file'): train_controlnet(tmp_path / 'f')
+    with pytest.raises(FileNotFoundError, match='no such folder'): load_controlnet(tmp_path / 'nothing')
+
+
+def _train_cmd(out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+    return [sys.executable, '-m', 'sd_intro.controlnet', '--out', str(out), *TINY, *extra], env
+
+
+def _result(out):
+    hist = json.loads((out / 'history.json').read_text())
+    strips = {p.name: np.asarray(Image.open(p)) for p in sorted((out / 'validation').glob('step-*.png'))}
+    return load_file(str(out / 'controlnet' / 'diffusion_pytorch_model.safetensors')), hist, strips
+
+
+def test_kill_9_and_resume_is_bit_identical(tmp_path):
+    cmd, env = _train_cmd(tmp_path / 'straight')
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+    w0, h0, v0 = _result(tmp_path / 'straight')
+    out = tmp_path / 'killed'
+    cmd, env = _train_cmd(out)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not (out / 'checkpoints' / 'step-000002' / 'state.json').exists():
+        assert p.poll() is None and time.time() < deadline, 'the run ended before its second checkpoint'
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert not (out / 'controlnet').exists() and (out / '.sd_intro.lock').exists()    # killed: its lock is left behind
+    # a kill while a checkpoint was being written leaves a temporary folder: it is not resumed from, and is cleared
+    (out / 'checkpoints' / '.tmp-step-000003-99999').mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        subprocess.run(cmd + ['--resume'], env=env, check=True, capture_output=True, timeout=900)
+    w1, h1, v1 = _result(out)
+    assert sorted(w0) == sorted(w1) and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert h0 == h1 and list(v0) == list(v1) and all(np.array_equal(v0[k], v1[k]) for k in v0)
+    assert not (out / 'checkpoints' / '.tmp-step-000003-99999').exists()
+
+
+def test_damaged_edited_and_crafted_checkpoints(tmp_path):
+    out = tmp_path / 'run'
+    cmd, env = _train_cmd(out, '--stop-at', '3')
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+    new, old = checkpoints(out)[:2]
+    # an edited state.json is named, and the run falls back to the checkpoint before it
+    st = json.loads((new / 'state.json').read_text()); st['step'] = 2; st['losses'][-1] = 0.001
+    (new / 'state.json').write_text(json.dumps(st))
+    with pytest.warns(UserWarning, match='not as the run wrote it'): assert resumable_checkpoint(out)[0] == old
+    # a crafted optimizer.pt (a pickle that runs code) is refused without running it, and named
+    marker = tmp_path / 'pwned'
+    class Evil:
+        def __reduce__(self): return (os.system, (f"touch {marker}",))
+    (old / 'optimizer.pt').write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match='optimizer.pt is damaged'), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); resumable_checkpoint(out)
+    assert not marker.exists()
+    # overwrite=True removes what runs write, and keeps the user's own files
+    (out / 'my-notes.txt').write_text('mine'); (out / 'checkpoints' / 'mine.txt').write_text('mine')
+    clear_run(out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*') if p.is_file()) == ['checkpoints/mine.txt', 'my-notes.txt']
+
+
+def test_shipped_controlnet_without_sd_intro(tmp_path):
+    "The shipped folder is plain diffusers: it loads and runs in the three ControlNet pipelines with sd_intro unimportable."
+    code = f'''
+import sys; sys.modules['sd_intro'] = None   # any import of sd_intro fails
+import numpy as np, torch
+from PIL import Image
+from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionControlNetImg2ImgPipeline,
+                       StableDiffusionControlNetInpaintPipeline)
+torch.set_num_threads(1)
+cn = ControlNetModel.from_pretrained({CONTROLNET_MODEL!r})
+ctl = Image.new('RGB', (64, 64)); ctl.paste((255, 255, 255), (16, 16, 48, 48))
+start = Image.new('RGB', (64, 64), (40, 80, 220))
+for cls, kw in ((StableDiffusionControlNetPipeline, dict(image=ctl)),
+                (StableDiffusionControlNetImg2ImgPipeline, dict(image=start, control_image=ctl, strength=0.9)),
+                (StableDiffusionControlNetInpaintPipeline, dict(image=start, mask_image=ctl.convert('L'), control_image=ctl))):
+    pipe = cls.from_pretrained({EMBEDDED_MODEL!r}, controlnet=cn, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe('a red square on a blue background', num_inference_steps=4, generator=torch.Generator().manual_seed(0), **kw).images[0]
+    assert img.size == (64, 64), img.size
+    print(cls.__name__, 'ok')
+'''
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=dict(env, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1'),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(' ok') == 3
