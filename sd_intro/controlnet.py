@@ -654,8 +654,8 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
         if done < cfg.steps and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop):
             validate(done); checkpoint(done)
             if not cfg.progress and main:
-                print(f"step {done}: loss {np.mean(losses[-cfg.checkpoint_every:]):.4f}, validation IoU "
-                      f"{history.get(done, float('nan')):.3f}, {(time.time() - t0) / (done - start):.2f} s/step", flush=True)
+                print(f"step {done}: loss {np.mean(losses[-cfg.checkpoint_every:]):.4f}" +
+                      (f", validation IoU {history[done]:.3f}" if done in history else ''), flush=True)
     bar.close()
     seconds, saved, net = time.time() - t0, None, acc.unwrap_model(cn_t)
     if stop == cfg.steps:
