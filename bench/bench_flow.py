@@ -6,12 +6,13 @@ colour, shape and background adherence, 'all' their mean with each base shape co
                   timesteps (lesson 1's best sampler at few steps), the flow model with its Euler scheduler
   straightness    over 16 prompts: the path length of the predicted final latents over 30 steps, the distance of the
                   first prediction from the last, the mean pixel gap between the 1-step and the 30-step picture
-  shift sweep     the flow model sampled with shift 0.5, 1, 2, 3, 6 at 4 and 30 steps
-  guidance        the flow model at guidance 1, 1.5, 3, 7.5, 14 (30 steps); negative prompts' colour effect
+  shift sweep     the flow model sampled with shift 0.5, 1, 2, 3, 6 at 4 and 8 steps (64 prompts x 1 seed)
+  guidance        the flow model at guidance 1, 3, 7.5, 14 (30 steps, 64 prompts x 1 seed); negative prompts' colour
+                  effect (red and blue, 32 prompts each)
   time            seconds per picture of each model at 4 and 30 steps (8 pictures per call)
 Prints Markdown tables and writes bench/results/flow.json with both models' fingerprints.
 
-    python bench/bench_flow.py [--threads 2] [--quick] [--flow FOLDER --json OUT.json] [--train-log FILE]
+    python bench/bench_flow.py [--threads 2] [--quick] [--part all|DDPM|flow] [--flow FOLDER --json OUT.json]
 """
 import argparse, json, os, platform, sys, time, warnings
 from pathlib import Path
@@ -32,50 +33,67 @@ def main():
     ap.add_argument('--json', default=None, help=f'where to write the figures (default: {RESULTS.relative_to(ROOT)} '
                                                   f'for the shipped model, nowhere for another)')
     ap.add_argument('--skip', nargs='*', default=(), choices=('steps', 'straightness', 'shift', 'guidance', 'time'))
+    ap.add_argument('--part', choices=('all', 'DDPM', 'flow'), default='all',
+                    help="measure one model's side only (the figures are merged into the JSON with the other's)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from sd_intro.core import load_pipeline, EMBEDDED_MODEL
     from sd_intro.pipelines import markdown_table
-    from sd_intro.embedded import guidance_curve, negative_prompt_effect, quality_prompts
-    from sd_intro.flow import (FLOW_MODEL, load_flow, steps_quality, straightness, shift_sweep, seconds_per_picture,
+    from sd_intro.embedded import guidance_curve, negative_prompt_effect, quality_prompts, judged_quality
+    from sd_intro.flow import (FLOW_MODEL, load_flow, ddim_trailing, straightness, shift_sweep, seconds_per_picture,
                                flow_info, STEP_COUNTS)
     from sd_intro.finetune import model_fingerprint
     folder = a.flow or FLOW_MODEL
     n_prompts, n_seeds = (16, 1) if a.quick else (64, 2)
     res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads,
-               ddpm_model=model_fingerprint(EMBEDDED_MODEL), flow_model=model_fingerprint(folder),
-               pictures_per_row=n_prompts * n_seeds, training=flow_info(folder))
-    ddpm, flow = load_pipeline(), load_flow(folder)
+               ddpm_model=model_fingerprint(EMBEDDED_MODEL), pictures_per_row=n_prompts * n_seeds, guidance_scale=7.5)
+    models = {}
+    if a.part in ('all', 'DDPM'): models['DDPM'] = ddim_trailing(load_pipeline())
+    if a.part in ('all', 'flow'):
+        models['flow'] = load_flow(folder)
+        res.update(flow_model=model_fingerprint(folder), training=flow_info(folder))
     t0 = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        if 'steps' not in a.skip:
-            table = steps_quality(ddpm, flow, STEP_COUNTS, n_prompts=n_prompts, n_seeds=n_seeds)
-            res['steps'] = {who: {str(n): r for n, r in rs.items()} for who, rs in table.items()}
-            print(markdown_table({f"{who}, {n} steps": r for who, rs in table.items() for n, r in rs.items()}, 'model'), flush=True)
+        if 'steps' not in a.skip:   # what `steps_quality` measures, one model at a time
+            res['steps'] = {}
+            for who, pipe in models.items():
+                rows = {}
+                for n in STEP_COUNTS:
+                    r = judged_quality(pipe, steps=n, guidance=7.5, n_prompts=n_prompts, n_seeds=n_seeds)
+                    rows[str(n)] = dict(r, all=sum(r.values()) / len(r))
+                    print(who, n, {k: round(v, 3) for k, v in rows[str(n)].items()}, flush=True)
+                res['steps'][who] = rows
         if 'straightness' not in a.skip:
             prompts = quality_prompts(16)
-            res['straightness'] = {who: straightness(p, prompts, seed=0, steps=30) for who, p in (('DDPM', ddpm), ('flow', flow))}
+            res['straightness'] = {who: straightness(p, prompts, seed=0, steps=30) for who, p in models.items()}
             print(json.dumps(res['straightness'], indent=1), flush=True)
-        if 'shift' not in a.skip:
-            sweep = shift_sweep(flow, (0.5, 1, 2, 3, 6), (4, 30), n_prompts=n_prompts, n_seeds=n_seeds)
+        if 'flow' in models and 'shift' not in a.skip:   # 64 prompts x 1 seed: at 30 steps every shift does alike
+            sweep = shift_sweep(models['flow'], (0.5, 1, 2, 3, 6), (4, 8), n_prompts=n_prompts, n_seeds=1)
             res['shift'] = {str(s): {str(n): v for n, v in r.items()} for s, r in sweep.items()}
+            res['shift_pictures'] = n_prompts
             print(json.dumps(res['shift'], indent=1), flush=True)
-        if 'guidance' not in a.skip:
-            curve = guidance_curve(flow, (1, 1.5, 3, 7.5, 14), steps=30, n_prompts=n_prompts, n_seeds=n_seeds)
+        if 'flow' in models and 'guidance' not in a.skip:
+            curve = guidance_curve(models['flow'], (1, 3, 7.5, 14), steps=30, n_prompts=n_prompts, n_seeds=1)
             res['guidance'] = {str(g): r for g, r in curve.items()}
-            res['negative_prompt'] = {c: list(v) for c, v in negative_prompt_effect(flow, n=64 if not a.quick else 16).items()}
+            res['guidance_pictures'] = n_prompts
+            res['negative_prompt'] = {c: list(v) for c, v in negative_prompt_effect(models['flow'], ('red', 'blue'),
+                                                                                     n=32 if not a.quick else 16).items()}
             print(markdown_table({f"flow, guidance {g}": r for g, r in curve.items()}, 'model'), flush=True)
             print(res['negative_prompt'], flush=True)
         if 'time' not in a.skip:
-            res['seconds_per_picture'] = {f"{who}, {n} steps": seconds_per_picture(p, n) for who, p in (('DDPM', ddpm), ('flow', flow))
+            res['seconds_per_picture'] = {f"{who}, {n} steps": seconds_per_picture(p, n) for who, p in models.items()
                                           for n in (4, 30)}
             print(res['seconds_per_picture'], flush=True)
-    res['bench_wall_s'] = round(time.time() - t0, 1)
+    res[f'bench_wall_s_{a.part}'] = round(time.time() - t0, 1)
     out = Path(a.json) if a.json else (RESULTS if a.flow is None and not a.quick else None)
     if out:
         old = json.loads(out.read_text()) if out.exists() else {}
-        if old.get('flow_model') == res['flow_model']: res = {**old, **res}   # a partial re-run (--skip) keeps the rest
+        if a.part != 'all' and old.get('pictures_per_row') == res['pictures_per_row']:   # the other model's side stays
+            for k, v in res.items():
+                if isinstance(v, dict) and isinstance(old.get(k), dict) and k not in ('training',): old[k] = {**old[k], **v}
+                else: old[k] = v
+            res = old
         out.write_text(json.dumps(res, indent=1) + '\n')
         print(f"wrote {out}")
 

@@ -264,6 +264,11 @@ def test_damaged_edited_and_foreign_checkpoints(tmp_path):
     w = ck / 'trainable.safetensors'; w.write_bytes(w.read_bytes()[:1000])
     with pytest.warns(UserWarning, match=r'trainable.safetensors is damaged'):
         train_flow(out, stop_at=2, log=None, **TINY)
+    # a damaged latent cache is named, with the fix
+    lat = out / 'latents.safetensors'; good = lat.read_bytes(); lat.write_bytes(good[:100])
+    with pytest.raises(ValueError, match=r'latents.safetensors.*damaged.*delete both files'):
+        train_flow(out, stop_at=2, log=None, **TINY)
+    lat.write_bytes(good)
     # other settings: refused by name, nothing deleted
     before = sorted(p.name for p in (out / 'checkpoints').iterdir())
     with pytest.raises(ValueError, match=r"other settings.*'lr': \(0.0003, 0.001\)"):
