@@ -81,9 +81,10 @@ def main():
                                                                                      n=32 if not a.quick else 16).items()}
             print(markdown_table({f"flow, guidance {g}": r for g, r in curve.items()}, 'model'), flush=True)
             print(res['negative_prompt'], flush=True)
-        if 'time' not in a.skip:
-            res['seconds_per_picture'] = {f"{who}, {n} steps": seconds_per_picture(p, n) for who, p in models.items()
-                                          for n in (4, 30)}
+        if 'time' not in a.skip:   # both models, side by side in one process (the same load for both)
+            both = {'DDPM': models.get('DDPM') or ddim_trailing(load_pipeline()), 'flow': models.get('flow') or load_flow(folder)}
+            res['seconds_per_picture'] = {f"{who}, {n} steps": seconds_per_picture(p, n) for n in (4, 30) for who, p in both.items()}
+            res['load_average_during_timing'] = round(os.getloadavg()[0], 1)
             print(res['seconds_per_picture'], flush=True)
     res[f'bench_wall_s_{a.part}'] = round(time.time() - t0, 1)
     out = Path(a.json) if a.json else (RESULTS if a.flow is None and not a.quick else None)
