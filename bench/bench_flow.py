@@ -4,6 +4,8 @@ Measures with the judge on the embedded model's quality prompt set (`judged_qual
 colour, shape and background adherence, 'all' their mean with each base shape counted, as lesson 7 does):
   steps table     both models at 1, 2, 4, 8, 16, 30 steps, guidance 7.5: the DDPM model with DDIM on 'trailing'
                   timesteps (lesson 1's best sampler at few steps), the flow model with its Euler scheduler
+  even steps      the flow model at the same step counts on N even steps (FLUX's sigmas, linspace(1, 1/N, N)): diffusers'
+                  default spacing, linspace(1, 0.001, N), wastes its last step between t = 0.001 and 0
   straightness    over 16 prompts: the path length of the predicted final latents over 30 steps, the distance of the
                   first prediction from the last, the mean pixel gap between the 1-step and the 30-step picture
   shift sweep     the flow model sampled with shift 0.5, 1, 2, 3, 6 at 4 and 8 steps (64 prompts x 1 seed)
@@ -32,7 +34,7 @@ def main():
     ap.add_argument('--flow', default=None, help='a flow model folder to measure instead of the shipped one')
     ap.add_argument('--json', default=None, help=f'where to write the figures (default: {RESULTS.relative_to(ROOT)} '
                                                   f'for the shipped model, nowhere for another)')
-    ap.add_argument('--skip', nargs='*', default=(), choices=('steps', 'straightness', 'shift', 'guidance', 'time'))
+    ap.add_argument('--skip', nargs='*', default=(), choices=('steps', 'even', 'straightness', 'shift', 'guidance', 'time'))
     ap.add_argument('--part', choices=('all', 'DDPM', 'flow'), default='all',
                     help="measure one model's side only (the figures are merged into the JSON with the other's)")
     a = ap.parse_args()
@@ -40,7 +42,7 @@ def main():
     from sd_intro.core import load_pipeline, EMBEDDED_MODEL
     from sd_intro.pipelines import markdown_table
     from sd_intro.embedded import guidance_curve, negative_prompt_effect, quality_prompts, judged_quality
-    from sd_intro.flow import (FLOW_MODEL, load_flow, ddim_trailing, straightness, shift_sweep, seconds_per_picture,
+    from sd_intro.flow import (FLOW_MODEL, load_flow, ddim_trailing, even_steps, straightness, shift_sweep, seconds_per_picture,
                                flow_info, STEP_COUNTS)
     from sd_intro.finetune import model_fingerprint
     folder = a.flow or FLOW_MODEL
@@ -64,6 +66,13 @@ def main():
                     rows[str(n)] = dict(r, all=sum(r.values()) / len(r))
                     print(who, n, {k: round(v, 3) for k, v in rows[str(n)].items()}, flush=True)
                 res['steps'][who] = rows
+        if 'flow' in models and 'even' not in a.skip:   # the flow model on N even steps (FLUX's schedule)
+            rows, pipe = {}, even_steps(models['flow'])
+            for n in STEP_COUNTS:
+                r = judged_quality(pipe, steps=n, guidance=7.5, n_prompts=n_prompts, n_seeds=n_seeds)
+                rows[str(n)] = dict(r, all=sum(r.values()) / len(r))
+                print('flow, even steps', n, {k: round(v, 3) for k, v in rows[str(n)].items()}, flush=True)
+            res['steps_even'] = {'flow': rows}
         if 'straightness' not in a.skip:
             prompts = quality_prompts(16)
             res['straightness'] = {who: straightness(p, prompts, seed=0, steps=30) for who, p in models.items()}
