@@ -92,7 +92,7 @@ def main():
             print(res['negative_prompt'], flush=True)
         if 'time' not in a.skip:   # both models, side by side in one process (the same load for both)
             both = {'DDPM': models.get('DDPM') or ddim_trailing(load_pipeline()), 'flow': models.get('flow') or load_flow(folder)}
-            res['seconds_per_picture'] = {f"{who}, {n} steps": seconds_per_picture(p, n) for n in (4, 30) for who, p in both.items()}
+            res['seconds_per_picture'] = seconds_per_picture(both, (4, 30), n=8, repeats=3)
             res['load_average_during_timing'] = round(os.getloadavg()[0], 1)
             print(res['seconds_per_picture'], flush=True)
     res[f'bench_wall_s_{a.part}'] = round(time.time() - t0, 1)
