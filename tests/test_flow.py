@@ -178,11 +178,13 @@ def test_img2img_strength_is_a_point_on_the_path(flow):
 
 
 def test_predicted_finals_end_at_the_picture(flow, pipe):
-    for p in (flow, ddim_trailing(pipe)):
+    # the flow model's last guess is its picture; DDIM's last step still adds sqrt(1 - abar_0) of its noise guess
+    for p, tol in ((flow, 1e-4), (ddim_trailing(pipe), 0.2)):
         x0 = predicted_finals(p, 'a red circle on a blue background', seed=0, num_inference_steps=5)
         out = p('a red circle on a blue background', num_inference_steps=5, generator=torch.Generator().manual_seed(0),
                 output_type='latent').images[0]
-        assert x0.shape == (5, 4, 8, 8) and torch.allclose(x0[-1], out, atol=1e-4)
+        assert x0.shape == (5, 4, 8, 8) and torch.allclose(x0[-1], out, atol=tol)
+        assert (x0[0] - out).abs().mean() > (x0[-1] - out).abs().mean()   # the first guess is further off
 
 
 def test_steps_quality_refuses_swapped_models(flow, pipe):
