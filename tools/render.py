@@ -26,7 +26,8 @@ MAX_BYTES = 2_000_000
 # The first entry also opens the README.
 HEADLINES = {'02_guidance': 'sweep.grid(', '01_pipelines': 'prog.strip(', '03_img2img': 'sweep = strength_sweep(',
              '04_inpainting': "edits = [('object'", '06_inside': "swapped = swap_word(",
-             '05_finetuning': 'shipped = load_lora(', '07_few_steps': 'rows.update({f"LCM', '08_controlnet': 'with_cn = generate(cpipe'}
+             '05_finetuning': 'shipped = load_lora(', '07_few_steps': 'rows.update({f"LCM', '08_controlnet': 'with_cn = generate(cpipe',
+             '09_flow': 'rows[f"flow, '}
 
 
 def notebooks() -> list[Path]:
