@@ -454,14 +454,14 @@ def _state_digest(state: dict) -> str:
     body = json.dumps({k: v for k, v in state.items() if k != 'digest'}, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
-def _write_checkpoint(folder: Path, state: dict, trainable: dict, ema: dict | None, opt_state: dict):
+def _write_checkpoint(folder: Path, state: dict, trainable: dict, ema: dict | None, opt_state: dict, digest: bool = True):
     "Write one checkpoint's files into `folder`; state.json, the mark of a complete checkpoint, comes last."
     folder.mkdir(parents=True, exist_ok=True)
     save_file(trainable, str(folder / 'trainable.safetensors'))
     if ema is not None: save_file(ema, str(folder / 'ema.safetensors'))
     torch.save(opt_state, folder / 'optimizer.pt')
     state = json.loads(json.dumps(state))   # as it will read back (tuples as lists), so that the digest matches then
-    (folder / 'state.json').write_text(json.dumps(dict(state, digest=_state_digest(state)), indent=1))
+    (folder / 'state.json').write_text(json.dumps(dict(state, digest=_state_digest(state)) if digest else state, indent=1))
     for p in folder.iterdir(): _fsync(p)
 
 def save_checkpoint(out: str | os.PathLike, # the run folder
@@ -470,18 +470,21 @@ def save_checkpoint(out: str | os.PathLike, # the run folder
                     trainable: dict,        # name -> tensor of the trained weights
                     ema: dict | None,       # name -> tensor of the EMA weights, or None
                     opt_state: dict,        # optimizer, schedule (and scaler) state dicts
-                    keep: int = 2           # how many recent checkpoints to keep
+                    keep: int = 2,          # how many recent checkpoints to keep
+                    digest: bool = True     # add a digest of the state (False: the caller's state carries its own)
                    ) -> Path:
     "Write a checkpoint atomically (a temporary folder renamed into place), then drop all but the `keep` newest."
     final = checkpoint_dir(out, step)
     with atomic_dir(final) as tmp:  # replaces the same step written again by a resumed run
-        _write_checkpoint(tmp, dict(state, step=step), trainable, ema, opt_state)
+        _write_checkpoint(tmp, dict(state, step=step), trainable, ema, opt_state, digest)
     _fsync(final.parent)
     done = sorted((p for p in final.parent.glob('step-*') if (p / 'state.json').is_file()), key=lambda p: int(p.name[5:]))
     for old in done[:-keep]: shutil.rmtree(old, ignore_errors=True)
     return final
 
-def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict, dict | None, dict]:
+def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
+                    digest: bool = True        # check the state's digest (False: the caller checks its own)
+                   ) -> tuple[dict, dict, dict | None, dict]:
     "The state, trained weights, EMA weights (or None) and optimizer state of a checkpoint folder; a damaged file is named."
     folder, what = Path(folder), 'state.json'
     try:
@@ -499,12 +502,12 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict, dict, dict | None,
             f"load those (they could run any code) and never wrote them; it cannot be resumed from") from None
         raise ValueError(f"checkpoint {folder}: {what} is damaged or cut short ({type(e).__name__}); it cannot be "
                          f"resumed from") from e
-    _check_state(folder, state, opt)
+    _check_state(folder, state, opt, digest)
     return state, weights, ema, opt
 
-def _check_state(folder: Path, state: dict, opt: dict):
+def _check_state(folder: Path, state: dict, opt: dict, digest: bool = True):
     "A clear error for a checkpoint whose state.json was edited, or whose parts disagree on the step."
-    if 'digest' in state and state['digest'] != _state_digest(state): raise ValueError(
+    if digest and 'digest' in state and state['digest'] != _state_digest(state): raise ValueError(
         f"checkpoint {folder}: state.json was changed after the run wrote it (its digest does not match: an edited step, "
         f"loss or setting); it cannot be resumed from. Restore it, or pass overwrite=True to start afresh")
     step, losses = state.get('step'), state.get('losses')

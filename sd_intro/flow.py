@@ -416,7 +416,7 @@ def _flow_batch(means, stds, scenes, sf, step, cfg):
 # %% ../nbs/09_flow.ipynb #8cd51355
 def _load_flow_checkpoint(ck: Path, run: dict):
     "State, UNet, EMA and optimizer state of checkpoint `ck`, refused by name if damaged, edited or of another run."
-    state, weights, ema, opt = load_checkpoint(ck)   # names a cut-off file
+    state, weights, ema, opt = load_checkpoint(ck, digest=False)   # names a cut-off file (its own digest covers the weights)
     fix = (f"delete the folder {ck} to resume from the checkpoint before it, or start a new run in another --out folder")
     if state.get('digest') != state_digest(state, weights, ema or {}, opt):
         raise ValueError(f"checkpoint {ck}: its state.json does not match its weights (edited, or files from "
@@ -533,7 +533,7 @@ def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
         opt_state = dict(optimizer=opt.state_dict())
         state = dict(config=run, losses=losses, evals=evals, step=step)
         state['digest'] = state_digest(state, trained, ema_w, opt_state)
-        save_checkpoint(out, step, state, trained, ema_w, opt_state, cfg.keep_checkpoints)
+        save_checkpoint(out, step, state, trained, ema_w, opt_state, cfg.keep_checkpoints, digest=False)
         with atomic_file(timing) as tmp: tmp.write_text(json.dumps(dict(seconds=round(spent(), 1), step=step)))
 
     if start == 0 and '0' not in evals: validate(0)
