@@ -48,7 +48,7 @@ def main():
     folder = a.flow or FLOW_MODEL
     n_prompts, n_seeds = (16, 1) if a.quick else (64, 2)
     res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads,
-               ddpm_model=model_fingerprint(EMBEDDED_MODEL), pictures_per_row=n_prompts * n_seeds, guidance_scale=7.5)
+               model=model_fingerprint(), ddpm_model=model_fingerprint(EMBEDDED_MODEL), pictures_per_row=n_prompts * n_seeds, guidance_scale=7.5)
     models = {}
     if a.part in ('all', 'DDPM'): models['DDPM'] = ddim_trailing(load_pipeline())
     if a.part in ('all', 'flow'):

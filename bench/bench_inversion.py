@@ -99,7 +99,7 @@ def strongest_conditioning(parts, a, kw):
     lora = load_lora(load_pipeline(), str(CREATURE_LORA))
     imgs = generate(lora, [fit] * (a.eval_n // 2), **seeds).images
     v = creature_verdicts(imgs, [fit] * len(imgs))
-    out['lora'] = dict(ears=v['outline'], creature=v['judge'], **adherence(imgs, [fit] * len(imgs)))
+    out['creature_lora'] = dict(ears=v['outline'], creature=v['judge'], **adherence(imgs, [fit] * len(imgs)))
     out['fit'] = dict(prompt=fit, steps=150, batch_size=32, pictures=a.n, judged=a.eval_n // 2)
     return out
 

@@ -120,7 +120,8 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
         subprocess.run(cmd + ['--resume'], env=env, check=True, capture_output=True, timeout=900)
     w1, h1, v1 = _result(out)
     assert sorted(w0) == sorted(w1) and all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert h0 == h1 and list(v0) == list(v1) and all(np.array_equal(v0[k], v1[k]) for k in v0)
+    drop = lambda h: {k: v for k, v in h.items() if k != 'seconds'}   # (the time taken differs, nothing else may)
+    assert drop(h0) == drop(h1) and list(v0) == list(v1) and all(np.array_equal(v0[k], v1[k]) for k in v0)
     assert not (out / 'checkpoints' / '.tmp-step-000003-99999').exists()
 
 
@@ -132,13 +133,13 @@ def test_damaged_edited_and_crafted_checkpoints(tmp_path):
     # an edited state.json is named, and the run falls back to the checkpoint before it
     st = json.loads((new / 'state.json').read_text()); st['step'] = 2; st['losses'][-1] = 0.001
     (new / 'state.json').write_text(json.dumps(st))
-    with pytest.warns(UserWarning, match='not as the run wrote it'): assert resumable_checkpoint(out)[0] == old
+    with pytest.warns(UserWarning, match='not as the run wrote it|edited or mixed'): assert resumable_checkpoint(out)[0] == old
     # a crafted optimizer.pt (a pickle that runs code) is refused without running it, and named
     marker = tmp_path / 'pwned'
     class Evil:
         def __reduce__(self): return (os.system, (f"touch {marker}",))
     (old / 'optimizer.pt').write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(ValueError, match='optimizer.pt is damaged'), warnings.catch_warnings():
+    with pytest.raises(ValueError, match='optimizer.pt (is damaged|holds pickled)'), warnings.catch_warnings():
         warnings.simplefilter('ignore'); resumable_checkpoint(out)
     assert not marker.exists()
     # overwrite=True removes what runs write, and keeps the user's own files
