@@ -11,6 +11,14 @@ import sd_intro.finetune as ft
 from sd_intro.distill import LCM_WEIGHTS, LCM_INFO, distill
 from sd_intro.embedded import make_embedded
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    "The killed runs train in a subprocess on one thread; the runs they are compared with must too (float sums depend on it)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 FT = dict(method='lora', steps=3, checkpoint_every=1, batch_size=2, lr=1e-3, progress=False,
           validation_prompts=['a creature', 'a red circle on a blue background'], validation_steps=2)
