@@ -11,7 +11,7 @@ import sd_intro.finetune as ft
 from sd_intro.distill import LCM_WEIGHTS, LCM_INFO, distill
 from sd_intro.embedded import make_embedded
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope='module')
 def one_thread():
     "The killed runs train in a subprocess on one thread; the runs they are compared with must too (float sums depend on it)."
     n = torch.get_num_threads(); torch.set_num_threads(1)
