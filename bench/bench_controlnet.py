@@ -11,7 +11,7 @@ prompts of their colours and shapes, one seed each (seeds 1000+, never a trainin
   IoU by step    with the weights of each snapshot of a training run (--run FOLDER, from its snapshots/)
 Writes bench/results/controlnet.json with the fingerprints of the embedded model and the ControlNet.
 
-    python bench/bench_controlnet.py [--threads 2] [--n 64] [--steps 20] [--run /work/runs/controlnet] [--quick]
+    python bench/bench_controlnet.py [--threads 2] [--n 64] [--steps 20] [--run RUN_FOLDER] [--quick]
 """
 import argparse, hashlib, json, os, platform, sys, time, warnings
 from pathlib import Path
