@@ -8,6 +8,8 @@ prompts of their colours and shapes, one seed each (seeds 1000+, never a trainin
                  targets: IoU >= 0.8 at scale 1.0 on silhouettes; colour and background adherence >= 90%
   by kind        IoU at scale 1.0 for each control kind
   conflict       a star's outline with the prompt "a ... circle": the judge's shape at each scale
+  VAE ceiling    the held-out scenes rendered exactly and sent through the VAE and back: the IoU the decoder itself
+                 allows (no ControlNet's pictures can be much sharper than the decoder draws)
   IoU by step    with the weights of each snapshot of a training run (--run FOLDER, from its snapshots/)
 Writes bench/results/controlnet.json with the fingerprints of the embedded model and the ControlNet.
 
@@ -40,7 +42,7 @@ Lesson 8 (`nbs/08_controlnet.ipynb`) trains it, explains it and measures it.
 
 - Made with `ControlNetModel.from_unet` from the embedded model's UNet (UNet fingerprint `{fingerprint}`), control
   encoder channels {channels} (three halvings: 64 px controls to the 8x8 latents).
-- Trained by `python -m sd_intro.controlnet --out runs/controlnet --threads 1 {flags}`
+- Trained by `python -m sd_intro.controlnet --out runs/controlnet --threads {threads} {flags}`
   ({steps} steps of {batch_size} fresh shapes-world scenes, each with a silhouette, outline or scribble and a caption;
   AdamW, lr {lr}, constant after {warmup} warm-up steps) in {minutes:.0f} minutes on {device} ({threads} torch
   thread(s); {load}).
@@ -95,6 +97,8 @@ def ship(src: Path, load: str):
     if not settings.get('zero_embedding_out', True): flags += ' --no-zero-embedding-out'
     with atomic_dir(CONTROLNET_MODEL) as tmp:
         cn.save_pretrained(tmp, safe_serialization=True)
+        cfg = json.loads((tmp / 'config.json').read_text()); cfg.pop('_name_or_path', None)   # no machine path in the package
+        (tmp / 'config.json').write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
         (tmp / 'training.json').write_text(json.dumps(record, indent=1))
         (tmp / 'README.md').write_text(CARD.format(fingerprint=settings['fingerprint'], channels=tuple(settings['conditioning_channels']),
                                                    flags=flags, steps=steps, batch_size=settings['batch_size'], lr=settings['lr'],
@@ -140,9 +144,20 @@ def main():
     sweep = scale_sweep(cpipe, controls, prompts, scales, num_inference_steps=a.steps)
     rows = [base.row()] + [s.row() for s in sweep.values()]
     res['silhouette'] = rows
+    # What the decoder can draw at all: each held-out scene rendered exactly as its control asks, through the VAE and
+    # back. No ControlNet can beat this by much: its pictures come out of the same decoder.
+    from sd_intro.shapes import render, to_pil
+    from sd_intro.inpainting import vae_round_trip
+    from sd_intro.controlnet import control_iou
+    ceil = np.array(control_iou([vae_round_trip(pipe, to_pil(render(s))) for s in scenes], controls, prompts))
+    styles = sorted({s.style for s in scenes})
+    res['vae_ceiling'] = dict(iou=round(float(ceil.mean()), 3), iou_08=round(float((ceil >= 0.8).mean()), 3),
+                              by_style={k: round(float(ceil[[s.style == k for s in scenes]].mean()), 3) for k in styles})
     print(f"\n{n} held-out silhouettes, {a.steps} DDIM steps, guidance 7.5, one seed each\n")
     print('| scale | mean IoU | IoU >= 0.8 | colour | shape | background |\n|---|---|---|---|---|---|')
     for r in rows: print(f"| {r['scale']} | {r['iou']:.3f} | {r['iou_08']:.0%} | {r['colour']:.0%} | {r['shape']:.0%} | {r['background']:.0%} |")
+    v = res['vae_ceiling']
+    print(f"\nthe scenes themselves through the VAE (the decoder's ceiling): IoU {v['iou']:.3f}, >= 0.8 on {v['iou_08']:.0%}; by style {v['by_style']}")
     res['by_kind'] = {}
     for kind in CONTROL_KINDS:
         _, cs, ps = heldout_controls(n, kind, seed=1)
