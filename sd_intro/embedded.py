@@ -14,7 +14,7 @@ from safetensors.torch import save_file, load_file
 from dataclasses import asdict
 from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
-                             POSITION_WORDS, layout_spread, ANY_TURN, _a)
+                             POSITION_WORDS, layout_spread, ANY_TURN, with_article)
 from .core import atomic_dir, save_pipeline, check_device
 
 # %% auto #0
@@ -382,7 +382,7 @@ def size_position_prompts(n: int = 64) -> list[str]:
     out = []
     for i in range(n):
         (c, s, b), (size, where) = combos[(i * 37) % len(combos)], wheres[i % len(wheres)]
-        out.append(_a(f"{size + ' ' if size else ''}{c} {s}") + f" on {_a(b)} background" +
+        out.append(with_article(f"{size + ' ' if size else ''}{c} {s}") + f" on {with_article(b)} background" +
                    (f" {POSITION_WORDS[where]}" if where else ''))
     return out
 
@@ -477,7 +477,7 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     if judge_out:   # whole or not at all: a kill while copying leaves the old judge in place
         Path(judge_out).parent.mkdir(parents=True, exist_ok=True); _atomic_save(lambda p: shutil.copy(jpath, p), judge_out)
     from sd_intro import shapes
-    shapes._JUDGE.clear(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
+    shapes.forget_judges(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
     shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge
     try: parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
                                     caption_noise=caption_noise, device=device, log=log, ckpt_every=ckpt_every,

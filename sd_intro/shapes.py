@@ -19,9 +19,10 @@ import sd_intro
 __all__ = ['COLOURS', 'BASE_SHAPES', 'HELD_OUT', 'SHAPES', 'STYLES', 'SIZE', 'SIZES', 'POSITIONS', 'POSITION_WORDS',
            'RADIUS_RANGE', 'SIZE_CUTS', 'THIRD_CUTS', 'MARGIN', 'POSITION_BETA', 'TURNS', 'ANY_TURN', 'CAPTION_KINDS',
            'SAY_SIZE', 'SAY_POSITION', 'ATTRIBUTES', 'JUDGE_PATH', 'Scene', 'size_of', 'position_of', 'random_scene',
-           'render', 'to_pil', 'caption', 'parse_caption', 'make_dataset', 'JudgeNet', 'to_tensor', 'scene_attributes',
-           'scene_targets', 'train_judge', 'load_judge', 'judge', 'adherence', 'object_mask', 'layout_spread',
-           'silhouette', 'shows_ears', 'calibrate_judge', 'creature_verdicts']
+           'regular_polygon', 'star_points', 'render', 'to_pil', 'with_article', 'caption', 'parse_caption',
+           'make_dataset', 'JudgeNet', 'to_tensor', 'scene_attributes', 'scene_targets', 'train_judge', 'forget_judges',
+           'load_judge', 'judge', 'adherence', 'object_mask', 'layout_spread', 'silhouette', 'shows_ears',
+           'calibrate_judge', 'creature_verdicts']
 
 # %% ../nbs/10_shapes.ipynb #46cbf14a
 COLOURS = {'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (240, 220, 40), 'green': (40, 170, 60),
@@ -120,20 +121,22 @@ def _polygon_mask(px, py, verts):
         inside ^= crosses & (px < xint)
     return inside
 
-def _regular(n, r, start, angle):
+def regular_polygon(n, r, start, angle) -> np.ndarray:
+    "The `n` corners of a regular polygon of radius `r` about 0, the first at `start` + `angle` degrees."
     a = np.deg2rad(angle + start) + np.arange(n) * 2 * np.pi / n
     return np.stack([r * np.cos(a), r * np.sin(a)], 1)
 
-def _star(r, angle):
-    outer, inner = _regular(5, r, -90, angle), _regular(5, r * 0.45, -54, angle)
+def star_points(r, angle) -> np.ndarray:
+    "The 10 corners of a five-pointed star of radius `r` about 0, turned by `angle` degrees."
+    outer, inner = regular_polygon(5, r, -90, angle), regular_polygon(5, r * 0.45, -54, angle)
     return np.stack([outer, inner], 1).reshape(-1, 2)
 
 def _shape_mask(shape, u, v, r, angle):
     "Mask of `shape` of radius `r` centred at the origin of coordinates (u, v)."
     if shape == 'circle': return u**2 + v**2 <= r**2
-    if shape == 'square': return _polygon_mask(u, v, _regular(4, r * 1.15, 45, angle))
-    if shape == 'triangle': return _polygon_mask(u, v + 0.2 * r, _regular(3, r * 1.25, -90, angle))
-    if shape == 'star': return _polygon_mask(u, v, _star(r * 1.2, angle))
+    if shape == 'square': return _polygon_mask(u, v, regular_polygon(4, r * 1.15, 45, angle))
+    if shape == 'triangle': return _polygon_mask(u, v + 0.2 * r, regular_polygon(3, r * 1.25, -90, angle))
+    if shape == 'star': return _polygon_mask(u, v, star_points(r * 1.2, angle))
     if shape == HELD_OUT:  # a round body with two pointed ears
         body = u**2 + ((v - 0.15 * r) / 0.9)**2 <= (0.85 * r)**2
         left = _polygon_mask(u, v, np.array([[-0.75, -0.2], [-0.2, -0.55], [-0.7, -1.05]]) * r)
@@ -172,7 +175,9 @@ def to_pil(img) -> Image.Image:
     return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, np.uint8), 'RGB')
 
 # %% ../nbs/10_shapes.ipynb #452acb24
-def _a(word): return ('an ' if word[0] in 'aeiou' else 'a ') + word
+def with_article(word: str) -> str:
+    "`word` after 'a' or 'an': 'an orange circle', 'a red square'."
+    return ('an ' if word[0] in 'aeiou' else 'a ') + word
 
 def _style_words(scene, rng):
     return {'flat': rng.choice(['', 'solid ']), 'outlined': 'outlined ', 'striped': 'striped '}[scene.style]
@@ -185,13 +190,13 @@ def caption(scene: Scene, rng: random.Random, kind: str | None = None) -> str:
     "A plain-English caption of `scene`, of a random `kind` (see `CAPTION_KINDS`) unless one is given."
     kind = kind or rng.choices(list(CAPTION_KINDS), weights=list(CAPTION_KINDS.values()))[0]
     s, c, b, sh = _style_words(scene, rng), scene.colour, scene.background, scene.shape
-    if kind in ('colour', 'background', 'empty'): return {'colour': c, 'background': _a(f"{b} background"), 'empty': ''}[kind]
+    if kind in ('colour', 'background', 'empty'): return {'colour': c, 'background': with_article(f"{b} background"), 'empty': ''}[kind]
     size = size_of(scene)
     s = (f"{size} " if size != 'medium' and rng.random() < SAY_SIZE else '') + s
     where = f" {POSITION_WORDS[position_of(scene)]}" if rng.random() < SAY_POSITION else ''
-    bg = f" on {_a(b)} background"
-    obj = {'full': _a(f"{s}{c} {sh}"), 'no_background': _a(f"{s}{c} {sh}"), 'no_colour': _a(f"{s}{sh}"),
-           'no_shape': _a(f"{s}{c} shape"), 'shape': _a(f"{s}{sh}")}[kind]
+    bg = f" on {with_article(b)} background"
+    obj = {'full': with_article(f"{s}{c} {sh}"), 'no_background': with_article(f"{s}{c} {sh}"), 'no_colour': with_article(f"{s}{sh}"),
+           'no_shape': with_article(f"{s}{c} shape"), 'shape': with_article(f"{s}{sh}")}[kind]
     return obj + (bg if kind in ('full', 'no_colour', 'no_shape') else '') + where
 
 # %% ../nbs/10_shapes.ipynb #53691327
@@ -316,6 +321,10 @@ def train_judge(steps: int = 2000,     # optimiser steps
 # %% ../nbs/10_shapes.ipynb #b8d7e45d
 _JUDGE = {}
 JUDGE_PATH = Path(sd_intro.__file__).parent / 'assets' / 'judge.safetensors'
+
+def forget_judges():
+    "Forget the judges read so far: the next `load_judge` reads its file again (after a judge file was rewritten)."
+    _JUDGE.clear()
 
 def load_judge(path=None) -> JudgeNet:
     "The judge shipped with the package (cached after the first call)."

@@ -11,6 +11,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from .core import EMBEDDED_MODEL, choose_dtype, default_device
+from .loading import make_fast   # moved down (issue 28): load_pipeline(fast=True) calls it
+_all_ = ['make_fast']
 
 # %% auto #0
 __all__ = ['SD15_CONFIGS', 'SD15_PARTS', 'PEAK_TFLOPS', 'sd15_config', 'full_size_pipeline', 'count_flops', 'unet_calls',
@@ -170,78 +172,3 @@ def mfu(flops: float, seconds: float, peak: float | None) -> float | None:
     if peak is None: return None
     if seconds <= 0 or peak <= 0: raise ValueError(f"seconds={seconds}, peak={peak}: both must be positive")
     return flops / seconds / (peak * 1e12)
-
-# %% ../nbs/13_speed.ipynb #3b76b721
-_CUDAGRAPH_MODES = ('reduce-overhead', 'max-autotune')
-
-def _copy_out(out):
-    "A copy of a model's output (tensor, tuple, or diffusers output class), so CUDA graphs cannot overwrite it."
-    if torch.is_tensor(out): return out.clone()
-    if isinstance(out, (tuple, list)) and not hasattr(out, 'keys'): return type(out)(_copy_out(o) for o in out)
-    if hasattr(out, 'keys'): return type(out)(**{k: _copy_out(v) for k, v in out.items()})
-    return out
-
-def _compile_forward(module, copy_outputs: bool, **opts):
-    "Replace `module.forward` by a compiled version of it (module type, config and weights unchanged)."
-    compiled = torch.compile(module.forward, **opts)
-    def forward(*args, **kwargs):
-        out = compiled(*args, **kwargs)
-        return _copy_out(out) if copy_outputs else out
-    forward.sd_intro_compiled = opts
-    module.forward = forward
-
-# %% ../nbs/13_speed.ipynb #ab1f385a
-def make_fast(pipe,                         # a loaded Stable Diffusion pipeline (changed in place)
-              compile: bool | str = True,   # True: torch.compile on CUDA only; 'always': on any device; False: never
-              channels_last: bool = True,   # channels-last memory format for the UNet and VAE
-              sdpa: bool = True,            # PyTorch's fused attention where the classic processor is set
-              half: bool = True,            # on CUDA, cast a float32 pipeline to float16
-              compile_vae: bool = True,     # compile the VAE decoder as well as the UNet
-              mode: str | None = 'reduce-overhead', # torch.compile mode ('reduce-overhead': CUDA graphs; 'max-autotune')
-              backend: str = 'inductor',    # torch.compile backend ('eager' only traces: for tests)
-              fullgraph: bool = True,       # fail rather than split the UNet into several graphs
-              fuse_qkv: bool = False,       # fuse the attention's query/key/value projections (diffusers' option)
-              cudnn_benchmark: bool = True  # on CUDA, let cuDNN pick the fastest convolution algorithms (process-wide)
-             ):
-    "Make `pipe` faster in place (fp16, fused attention, channels-last, torch.compile on CUDA) and return it."
-    if not all(hasattr(pipe, k) for k in ('unet', 'vae', 'scheduler')):
-        raise TypeError(f"make_fast: expected a Stable Diffusion pipeline (with unet, vae, scheduler), got {type(pipe).__name__}")
-    if compile not in (True, False, 'always'): raise ValueError(f"compile={compile!r}: use True (on CUDA only), 'always' or False")
-    if backend == 'inductor' and mode not in (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
-        raise ValueError(f"mode={mode!r} is not a torch.compile mode")
-    done = getattr(pipe.unet, 'sd_intro_fast', None)
-    if done is not None:
-        pipe.sd_intro_fast = done
-        return pipe
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-    dev = pipe.unet.device
-    cuda = dev.type == 'cuda'
-    applied = {}
-    if half and cuda and pipe.unet.dtype == torch.float32:
-        pipe.to(torch.float16)
-    applied['dtype'] = str(pipe.unet.dtype).replace('torch.', '')
-    if fuse_qkv:
-        pipe.fuse_qkv_projections()
-        applied['fuse_qkv'] = True
-    if sdpa:
-        n = 0
-        for m in (pipe.unet, pipe.vae):
-            procs = m.attn_processors
-            classic = sum(type(p) is AttnProcessor for p in procs.values())
-            if classic: m.set_attn_processor({k: AttnProcessor2_0() if type(p) is AttnProcessor else p for k, p in procs.items()})
-            n += classic
-        applied['sdpa'] = f"{n} classic processors replaced" if n else 'already fused attention'
-    if channels_last:
-        for m in (pipe.unet, pipe.vae): m.to(memory_format=torch.channels_last)
-        applied['channels_last'] = True
-    if cuda and cudnn_benchmark: torch.backends.cudnn.benchmark = True
-    if compile == 'always' or (compile and cuda):
-        opts = dict(backend=backend, fullgraph=fullgraph, dynamic=False)
-        if backend == 'inductor' and mode not in (None, 'default'): opts['mode'] = mode
-        copy_outputs = cuda and backend == 'inductor' and mode in _CUDAGRAPH_MODES
-        _compile_forward(pipe.unet, copy_outputs, **opts)
-        if compile_vae: _compile_forward(pipe.vae.decoder, copy_outputs, **opts)
-        applied['compile'] = f"unet{' + vae decoder' if compile_vae else ''} ({backend}, mode={mode})"
-    else: applied['compile'] = 'off' if not compile else f"skipped: not on CUDA (device {dev.type}); compile='always' forces it"
-    pipe.sd_intro_fast = pipe.unet.sd_intro_fast = applied
-    return pipe

@@ -12,7 +12,7 @@ import torch
 import ipywidgets as W
 from fastcore.basics import patch
 from PIL import Image, ImageOps
-from .core import (SAMPLER_NAMES, _real, format_parameters, generate, load_pipeline, pipe_defaults, save_image,
+from .core import (SAMPLER_NAMES, is_real, format_parameters, generate, load_pipeline, pipe_defaults, save_image,
                            scheduler_for)
 from .img2img import load_image
 from .pipelines import decode_latents
@@ -55,7 +55,7 @@ def check_settings(s: dict,      # settings: prompt, negative_prompt, seed, step
     steps_ok = isinstance(steps, (int, np.integer)) and 1 <= steps <= top
     if not steps_ok: errors.append(f"Steps is {steps}: use a whole number from 1 to {top} (20 to 50 is usual).")
     g = s.get('guidance_scale')
-    if not _real(g) or g < 0: errors.append(f"Guidance scale is {g}: use 0 or more (7.5 is usual).")
+    if not is_real(g) or g < 0: errors.append(f"Guidance scale is {g}: use 0 or more (7.5 is usual).")
     elif g <= 1: notes.append(f"Guidance scale {g} is 1 or less: classifier-free guidance is off, so the prompt "
                               f"barely steers" + (" and the negative prompt is ignored" if neg else "") + ".")
     seed = s.get('seed')
@@ -67,7 +67,7 @@ def check_settings(s: dict,      # settings: prompt, negative_prompt, seed, step
             errors.append(f"The {k} is {v}: use a multiple of 8 (the VAE shrinks pictures 8 times).")
     if 'strength' in s:
         st = s['strength']
-        if not _real(st) or not 0 < st <= 1:
+        if not is_real(st) or not 0 < st <= 1:
             errors.append(f"Strength is {st}: use more than 0 and at most 1 (0 would keep the starting image as it is).")
         elif steps_ok and int(steps * st) < 1:
             errors.append(f"img2img runs int(steps x strength) = int({steps} x {st}) = 0 steps: raise the steps "
