@@ -112,6 +112,7 @@ CACHE_DIR = Path(os.environ.get('SD_INTRO_CACHE', '~/.cache/sd_intro')).expandus
 class ResizeNote(UserWarning):
     "`load_image` changed the size of a picture on its own (rounded to multiples of 8), or cropped it to new proportions."
 
+# %% ../nbs/00b_lib_images.ipynb #e1d0e0c7
 _ARG = 'url_or_path_or_image'
 _MAGIC = (b'\x89PNG', b'\xff\xd8\xff', b'GIF8', b'BM', b'II*\x00', b'MM\x00*')
 
