@@ -105,7 +105,7 @@ def embedded(r):
                    f"{s['one_image_30_steps']:.2f} s / {s['grid_16_images_50_steps']:.2f} s / {s['load']:.2f} s"]] if s else []),
                ['model folder', f"{r['model_mb']:.1f} MB"]]) +
            f"\n\nNegative prompt naming a colour, on prompts that name no colour (64 images each): {neg}. How the recipe "
-           "was chosen (caption noise, the world-1 models): `nbs/11_embedded.ipynb`; how world 2 got here: `bench/world2/README.md`.")
+           "was chosen (caption noise, the world-1 models): `nbs/00g_lib_embedded.ipynb`; how world 2 got here: `bench/world2/README.md`.")
     return out
 
 

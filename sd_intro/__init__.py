@@ -1,9 +1,9 @@
 __version__ = "0.1.0"
 "sd_intro: a Stable Diffusion introduction course and its helpers. The public names load lazily (torch is heavy)."
 
-_PUBLIC = {'load_pipeline': 'core', 'EMBEDDED_MODEL': 'core', 'image_grid': 'core', 'generate': 'core',
-           'save_image': 'core', 'read_settings': 'core', 'replay': 'core', 'Generation': 'core',
-           'guidance_sweep': 'guidance', 'load_image': 'img2img', 'judge': 'shapes', 'playground': 'widgets'}
+_PUBLIC = {'load_pipeline': 'loading', 'EMBEDDED_MODEL': 'loading', 'image_grid': 'images', 'generate': 'core',
+           'save_image': 'records', 'read_settings': 'records', 'replay': 'core', 'Generation': 'records',
+           'guidance_sweep': 'guidance', 'load_image': 'images', 'judge': 'shapes', 'playground': 'widgets'}
 __all__ = list(_PUBLIC)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import sd_intro
 from .core import (load_pipeline, generate, image_grid, atomic_dir, make_scheduler, Generation, check_device, Extra,
-                   add_extra, pipe_extras, load_lora, _real, _whole)
+                   add_extra, pipe_extras, load_lora, is_real, is_whole)
 from .pipelines import x0_from_prediction
 from .embedded import cached_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
@@ -203,11 +203,11 @@ def check_lcm(pipe, num_inference_steps: int, guidance_scale: float = 1.0, negat
         raise TypeError(f"this pipeline samples with {type(getattr(pipe, 'scheduler', None)).__name__}, not a latent "
                         f"consistency model's LCMScheduler: load one with lcm_pipeline(), or use generate() for the base model")
     top = lcm_max_steps(pipe)
-    if not _whole(num_inference_steps) or not 1 <= num_inference_steps <= top:
+    if not is_whole(num_inference_steps) or not 1 <= num_inference_steps <= top:
         raise ValueError(f"num_inference_steps={num_inference_steps!r}: a latent consistency model is distilled for 1 to "
                          f"{top} steps (4 is usual); more steps do not improve it. For more steps, use the base model "
                          f"(load_pipeline() and generate)")
-    if not _real(guidance_scale) or guidance_scale < 0:
+    if not is_real(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale!r}: use 1 (the guidance is baked in), or up to 2")
     w = getattr(pipe, 'sd_intro_lcm', None) or {}
     baked = f" (distilled with guidance scales {w['w_min'] + 1:g} to {w['w_max'] + 1:g})" if w.get('w_min') is not None else ''
@@ -303,17 +303,17 @@ class DistillConfig:
         "A clear error for each setting out of range, before anything is written."
         for k in ('steps', 'batch_size', 'rank', 'num_ddim_timesteps', 'n_images', 'anchor_pairs', 'ckpt_every'):
             v = getattr(self, k)
-            if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of 1 or more")
-        if not _whole(self.anchor_start) or self.anchor_start < 0:
+            if not is_whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of 1 or more")
+        if not is_whole(self.anchor_start) or self.anchor_start < 0:
             raise ValueError(f"anchor_start={self.anchor_start!r}: use a whole number of 0 or more (the step the anchor joins at)")
-        if not _whole(self.seed): raise ValueError(f"seed={self.seed!r}: use a whole number")
+        if not is_whole(self.seed): raise ValueError(f"seed={self.seed!r}: use a whole number")
         for k in ('lr', 'huber_c', 'max_grad_norm'):
             v = getattr(self, k)
-            if not _real(v) or v <= 0: raise ValueError(f"{k}={v!r}: use a number above 0")
-        if not (_real(self.w_min) and _real(self.w_max) and 0 <= self.w_min <= self.w_max):
+            if not is_real(v) or v <= 0: raise ValueError(f"{k}={v!r}: use a number above 0")
+        if not (is_real(self.w_min) and is_real(self.w_max) and 0 <= self.w_min <= self.w_max):
             raise ValueError(f"w_min={self.w_min!r}, w_max={self.w_max!r}: use 0 <= w_min <= w_max (CFG scale w + 1: "
                              f"3 to 8 bakes in scales 4 to 9)")
-        if not _real(self.anchor) or self.anchor < 0:   # (`_real` refuses NaN and infinity)
+        if not is_real(self.anchor) or self.anchor < 0:   # (`is_real` refuses NaN and infinity)
             raise ValueError(f"anchor={self.anchor!r}: use a number of 0 or more (0 turns the one-step anchor off)")
         if self.init_lora and not (Path(self.init_lora).expanduser() / LCM_WEIGHTS).is_file():
             raise FileNotFoundError(f"init_lora={self.init_lora!r} holds no {LCM_WEIGHTS}: pass a folder written by `distill`, or '' for a fresh adapter")
@@ -379,7 +379,7 @@ def _check_resumable(st, run: dict, ck: Path, work: Path, steps: int):
     if diff: raise ValueError(f"cannot resume from {ck}: made with other settings {{name: (then, now)}}: {diff}; use "
                               f"the same settings, or delete {work} to start afresh")
     step, seen = st['step'], {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
-    if not (_whole(step) and 1 <= step <= steps) or seen != {step} or st['sched'].get('last_epoch') != step:
+    if not (is_whole(step) and 1 <= step <= steps) or seen != {step} or st['sched'].get('last_epoch') != step:
         raise ValueError(f"{ck} says step {step!r}, but its optimizer has taken {sorted(seen)} steps and its learning-rate "
                          f"schedule {st['sched'].get('last_epoch')!r}: the file was edited or mixed from two runs. Delete "
                          f"it to start afresh (the cached latents in {work} are kept)")

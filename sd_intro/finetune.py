@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file, load_file
 from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL,
-                   Extra, add_extra, lora_record, _real, _whole)
+                   Extra, add_extra, lora_record, is_real, is_whole)
 from .embedded import diffusion_loss, EVAL_PROMPTS
 from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE, SIZE_CUTS, random_scene, render, caption, to_pil
 
@@ -226,7 +226,7 @@ def write_shapes_folder(folder: str | os.PathLike, # where to write (created; mu
     if folder.exists() and not folder.is_dir(): raise FileExistsError(f"folder={str(folder)!r} is a file; pass a folder")
     if new_shape not in SHAPES: raise ValueError(f"new_shape={new_shape!r} is not a shape of this world: one of {list(SHAPES)}")
     for k, v in (('n_new', n_new), ('n_old', n_old)):
-        if not _whole(v) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
+        if not is_whole(v) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
     if n_new + n_old == 0: raise ValueError("n_new and n_old are both 0: ask for at least one picture")
     if new_scene is None: new_scene = CREATURE_SCENE if new_shape == HELD_OUT else {}
     bad = set(new_scene) - set(inspect.signature(random_scene).parameters) | {'rng', 'shapes'} & set(new_scene)
@@ -377,31 +377,31 @@ class FinetuneConfig:
         def need(ok, k, what):
             if not ok: raise ValueError(f"{k}={getattr(self, k)!r}: {what}")
         for k in ('steps', 'batch_size', 'gradient_accumulation', 'rank', 'validation_steps', 'keep_checkpoints'):
-            need(_whole(getattr(self, k)) and getattr(self, k) >= 1, k, "use a whole number of at least 1")
+            need(is_whole(getattr(self, k)) and getattr(self, k) >= 1, k, "use a whole number of at least 1")
         for k in ('warmup_steps', 'num_workers', 'seed'):
-            need(_whole(getattr(self, k)) and getattr(self, k) >= 0, k, "use a whole number, 0 or more")
+            need(is_whole(getattr(self, k)) and getattr(self, k) >= 0, k, "use a whole number, 0 or more")
         for k in ('checkpoint_every', 'lora_alpha', 'stop_at'):
-            need(getattr(self, k) is None or _whole(getattr(self, k)) and getattr(self, k) >= 1, k,
+            need(getattr(self, k) is None or is_whole(getattr(self, k)) and getattr(self, k) >= 1, k,
                  "use a whole number of at least 1, or None")
-        need(self.resolution is None or _whole(self.resolution) and self.resolution >= 8 and self.resolution % 8 == 0,
+        need(self.resolution is None or is_whole(self.resolution) and self.resolution >= 8 and self.resolution % 8 == 0,
              'resolution', "use a multiple of 8 (64 for the embedded model, 512 for SD v1), or None for the model's own")
-        need(_real(self.lr) and self.lr > 0, 'lr', "use a positive number, e.g. 1e-4")
-        for k in ('weight_decay', 'max_grad_norm'): need(_real(getattr(self, k)) and getattr(self, k) >= 0, k, "use 0 or more")
-        need(_real(self.ema_decay) and 0 < self.ema_decay < 1, 'ema_decay', "use a number between 0 and 1, e.g. 0.9999")
-        need(self.snr_gamma is None or _real(self.snr_gamma) and self.snr_gamma > 0, 'snr_gamma',
+        need(is_real(self.lr) and self.lr > 0, 'lr', "use a positive number, e.g. 1e-4")
+        for k in ('weight_decay', 'max_grad_norm'): need(is_real(getattr(self, k)) and getattr(self, k) >= 0, k, "use 0 or more")
+        need(is_real(self.ema_decay) and 0 < self.ema_decay < 1, 'ema_decay', "use a number between 0 and 1, e.g. 0.9999")
+        need(self.snr_gamma is None or is_real(self.snr_gamma) and self.snr_gamma > 0, 'snr_gamma',
              "use a positive number (5 is usual), or None for the plain MSE loss")
-        need(_real(self.guidance_scale) and self.guidance_scale >= 0, 'guidance_scale', "use 0 or more (7.5 is usual)")
+        need(is_real(self.guidance_scale) and self.guidance_scale >= 0, 'guidance_scale', "use 0 or more (7.5 is usual)")
         from diffusers.optimization import SchedulerType
         need(self.lr_scheduler in [t.value for t in SchedulerType], 'lr_scheduler',
              f"use one of diffusers' schedules {[t.value for t in SchedulerType]}")
         if self.mixed_precision not in (None, 'no', 'fp16', 'bf16'): raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of 'no', 'fp16', 'bf16'")
-        need(_real(self.caption_dropout) and 0 <= self.caption_dropout < 1, 'caption_dropout', "a share, from 0 up to (not including) 1")
+        need(is_real(self.caption_dropout) and 0 <= self.caption_dropout < 1, 'caption_dropout', "a share, from 0 up to (not including) 1")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps: raise ValueError(f"stop_at={self.stop_at}: between 1 and steps={self.steps}")
         if isinstance(self.validation_prompts, str): self.validation_prompts = (self.validation_prompts,)
-        if _whole(self.validation_seeds): self.validation_seeds = (self.validation_seeds,)
+        if is_whole(self.validation_seeds): self.validation_seeds = (self.validation_seeds,)
         self.validation_prompts, self.validation_seeds = tuple(self.validation_prompts), tuple(self.validation_seeds)
         need(all(isinstance(p, str) for p in self.validation_prompts), 'validation_prompts', "pass a str or a list of str")
-        need(all(_whole(s) for s in self.validation_seeds), 'validation_seeds', "pass whole numbers, e.g. (0, 1)")
+        need(all(is_whole(s) for s in self.validation_seeds), 'validation_seeds', "pass whole numbers, e.g. (0, 1)")
         need(self.validation_seeds or not self.validation_prompts, 'validation_seeds',
              "give at least one seed for the validation prompts, e.g. (0,)")
         self.validation_seeds = tuple(int(s) for s in self.validation_seeds)
@@ -514,7 +514,7 @@ def _check_state(folder: Path, state: dict, opt: dict, digest: bool = True):
     seen = {int(v['step']) for v in (opt.get('optimizer') or {}).get('state', {}).values() if 'step' in v}
     sched = (opt.get('lr_scheduler') or {}).get('last_epoch')
     problems = []
-    if not _whole(step) or step < 1: problems.append(f"step {step!r} is not a whole number of at least 1")
+    if not is_whole(step) or step < 1: problems.append(f"step {step!r} is not a whole number of at least 1")
     elif folder.name != f"step-{step:06d}": problems.append(f"its folder is {folder.name}")
     if not isinstance(losses, list) or len(losses) != step: problems.append(f"it lists {len(losses) if isinstance(losses, list) else 'no'} losses")
     if seen and seen != {step}: problems.append(f"its optimizer has taken {sorted(seen)} steps")
@@ -712,7 +712,7 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
             except FileNotFoundError: continue
             except (OSError, ValueError): other = {}
             pid, host = other.get('pid'), other.get('host')
-            if host == me['host'] and _whole(pid) and pid != me['pid'] and not _pid_alive(pid):
+            if host == me['host'] and is_whole(pid) and pid != me['pid'] and not _pid_alive(pid):
                 stale = lock.with_name(f".sd_intro.lock.stale.{os.getpid()}")
                 try: os.replace(lock, stale)   # one process wins the take-over
                 except FileNotFoundError: continue

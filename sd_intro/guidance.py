@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from .pipelines import x0_from_prediction
 from .core import (Generation, SAMPLER_NAMES, prompts_for, sampler_name, check_guidance, check_size, check_steps, generators, image_grid, pipe_defaults,
-                           seeds_for)
+                           seeds_for, settings_for)
 
 # %% auto #0
-__all__ = ['SEED_SCALES', 'encode_prompts', 'predicted_x0', 'denoise', 'decode', 'initial_latents', 'Sampled', 'sample', 'Sweep',
-           'guidance_sweep']
+__all__ = ['SEED_SCALES', 'encode_prompts', 'predicted_x0', 'denoise', 'decode', 'initial_latents', 'Sampled', 'start_sampling',
+           'sample', 'Sweep', 'guidance_sweep']
 
 # %% ../nbs/02_guidance.ipynb #1f1abade
 def encode_prompts(pipe,                       # a loaded pipeline
@@ -149,13 +149,19 @@ class Sampled(Generation):
     latents: torch.Tensor | None = field(default=None, repr=False)
     trace: list = field(default_factory=list, repr=False)
 
-def _settings(pipe, prompts, seeds, negative_prompt, steps, guidance_scale, height, width, nsfw):
-    "One settings dict per image, with the keys `generate` writes (for `save_image` and `replay`)."
-    d = pipe_defaults(pipe)
-    sampler = sampler_name(pipe.scheduler)
-    return [dict(prompt=p, negative_prompt=negative_prompt or '', seed=s, steps=steps, guidance_scale=guidance_scale,
-                 width=width, height=height, sampler=sampler, model=d['model'], nsfw=bool(f))
-            for p, s, f in zip(prompts, seeds, nsfw)]
+def start_sampling(pipe,                        # a loaded pipeline
+                   prompt: str | Sequence[str], # one prompt, or one per image
+                   seed: int | Sequence[int] | None = 0, # as in `generate`
+                   n: int | None = None,        # number of images (default: 1, or one per prompt / seed)
+                   negative_prompt: str | None = None,
+                   guidance_scale: float = 7.5
+                  ) -> tuple:
+    "What every by-hand sampler does first: the guidance checked, one prompt and seed per image, their generators, and the prompts encoded: (prompts, seeds, gens, cond, uncond)."
+    check_guidance(guidance_scale, negative_prompt)
+    prompts = prompts_for(prompt, n, seed)
+    seeds = seeds_for(seed, len(prompts))
+    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
+    return prompts, seeds, generators(seeds), cond, uncond
 
 # %% ../nbs/02_guidance.ipynb #7571c40f
 def sample(pipe,                        # a loaded txt2img pipeline
@@ -171,14 +177,10 @@ def sample(pipe,                        # a loaded txt2img pipeline
     "txt2img by hand: the same images as `generate` / `pipe(...)`, with the per-step predictions if `record`."
     check_steps(num_inference_steps, pipe)
     check_size(height, width, pipe)
-    check_guidance(guidance_scale, negative_prompt)
-    prompts = prompts_for(prompt, n, seed)
-    seeds = seeds_for(seed, len(prompts))
+    prompts, seeds, gens, cond, uncond = start_sampling(pipe, prompt, seed, n, negative_prompt, guidance_scale)
     d = pipe_defaults(pipe)
     height, width = height or d['height'], width or d['width']
-    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
     pipe.scheduler.set_timesteps(num_inference_steps, device=pipe.device)
-    gens = generators(seeds)
     latents = initial_latents(pipe, gens, height, width, cond.dtype)
     latents, trace = denoise(pipe, latents, cond, uncond, pipe.scheduler.timesteps, guidance_scale, record=record,
                              generator=gens)
@@ -189,8 +191,8 @@ def sample(pipe,                        # a loaded txt2img pipeline
         nsfw = [bool(f) for f in found]
         if any(nsfw): warnings.warn(f"The safety checker blanked {sum(nsfw)} of {len(nsfw)} images.")
     images = pipe.image_processor.postprocess(image, output_type='pil', do_denormalize=[not f for f in nsfw])
-    return Sampled(images, _settings(pipe, prompts, seeds, negative_prompt, num_inference_steps, guidance_scale,
-                                     height, width, nsfw), nsfw, latents=latents, trace=trace)
+    return Sampled(images, settings_for(pipe, prompts, seeds, negative_prompt, num_inference_steps, guidance_scale,
+                                       height, width, nsfw), nsfw, latents=latents, trace=trace)
 
 # %% ../nbs/02_guidance.ipynb #006db458
 SEED_SCALES = (1.1, 3, 7, 14)
@@ -241,7 +243,7 @@ def guidance_sweep(pipe,                           # a loaded txt2img pipeline
     latents, _ = denoise(pipe, latents, rep(cond), rep(uncond), pipe.scheduler.timesteps, guidance_scales=g,
                          generator=gens)
     images = decode(pipe, latents)
-    settings = [st for s in scales for st in _settings(pipe, prompts, seeds, negative_prompt, num_inference_steps, s,
-                                                        height, width, [False] * k)]
+    settings = [st for s in scales for st in settings_for(pipe, prompts, seeds, negative_prompt, num_inference_steps, s,
+                                                          height, width, [False] * k)]
     labels = [f"g={st['guidance_scale']:g} seed {st['seed']}" for st in settings]
     return Sweep(images, settings, [False] * len(images), labels=labels, scales=scales)

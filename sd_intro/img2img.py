@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 import sd_intro
-from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name, prompts_for, _whole,
+from .core import (load_pipeline, generate, image_grid, pipe_defaults, generators, seeds_for, scheduler_for, sampler_name, prompts_for, is_whole, settings_for,
                            check_guidance, replaying, Generation, SAMPLER_NAMES, atomic_file)
 from .shapes import COLOURS
+from .images import load_image, ResizeNote, CACHE_DIR, is_url   # moved down (issue 28); still importable from here
+_all_ = ['load_image', 'ResizeNote', 'CACHE_DIR']
 
 # %% auto #0
-__all__ = ['WOLF_SKETCH_URL', 'CACHE_DIR', 'steps_run', 'noised_start', 'ResizeNote', 'load_image', 'draw_sketch', 'sketch_path',
-           'img2img_pipeline', 'ssim', 'pixel_diff', 'StrengthSweep', 'strength_sweep', 'img2img_by_hand', 'Hop',
-           'Chain', 'run_chain', 'replay_chain']
+__all__ = ['WOLF_SKETCH_URL', 'steps_run', 'noised_start', 'draw_sketch', 'sketch_path', 'img2img_pipeline', 'ssim', 'pixel_diff',
+           'StrengthSweep', 'strength_sweep', 'img2img_by_hand', 'Hop', 'Chain', 'run_chain', 'replay_chain',
+           'load_image', 'ResizeNote', 'CACHE_DIR']
 
 # %% ../nbs/03_img2img.ipynb #aa90ec31
 def steps_run(num_inference_steps: int, # the `num_inference_steps` passed to the pipeline
@@ -58,135 +60,15 @@ def noised_start(pipe,                       # a loaded pipeline (txt2img or img
 
 # %% ../nbs/03_img2img.ipynb #a37eecf6
 WOLF_SKETCH_URL = 'https://s3.amazonaws.com/moonup/production/uploads/1664665907257-noauth.png'  # the seed notes' sketch
-CACHE_DIR = Path(os.environ.get('SD_INTRO_CACHE', '~/.cache/sd_intro')).expanduser()
-
-class ResizeNote(UserWarning):
-    "`load_image` changed the size of a picture on its own (rounded to multiples of 8), or cropped it to new proportions."
-
-_ARG = 'url_or_path_or_image'
-_MAGIC = (b'\x89PNG', b'\xff\xd8\xff', b'GIF8', b'BM', b'II*\x00', b'MM\x00*')
-
-def _is_url(x) -> bool: return isinstance(x, str) and x.split('://')[0].lower() in ('http', 'https') and '://' in x
-
-# %% ../nbs/03_img2img.ipynb #bb972305
-def _download(url: str, cache_dir=None, force: bool = False) -> Path:
-    "The local copy of `url`, downloaded once (with fastdownload) into its own folder under `cache_dir`."
-    from fastdownload import FastDownload
-    key = hashlib.sha1(url.encode()).hexdigest()[:12]
-    fd = FastDownload(base=Path(cache_dir or CACHE_DIR).expanduser(), archive=f'images/{key}')
-    try: return Path(fd.download(url, force=force))
-    except HTTPError as e: why = f"the server answered HTTP {e.code} {str(e.reason).split(chr(10))[0]}"  # fastcore appends the body
-    except (URLError, OSError) as e: why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-    raise ConnectionError(f"load_image: could not download {_ARG}={url!r} ({why}). Check the address in a browser. "
-                          f"Files on the web move and die (the seed notes' wolf sketch did once): download a copy "
-                          f"yourself and pass its local path instead, or start from the course's `sketch_path()`.")
-
-# %% ../nbs/03_img2img.ipynb #20802ad1
-def _open(path: Path, shown: str, from_url: bool = False) -> Image.Image:
-    "Open and fully read the image at `path`, or say clearly why it is not one."
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        head = path.read_bytes()[:16]
-        if from_url: path.unlink(missing_ok=True)  # do not serve a bad download from the cache next time
-        where = f"{_ARG}={shown}" + (" was downloaded, but it" if from_url else "")
-        if any(head.startswith(m) for m in _MAGIC) or head[8:12] == b'WEBP':
-            raise ValueError(f"load_image: {where} is a corrupt or truncated image ({e}). "
-                             f"{'Download it again' if from_url else 'Copy or download it again'}, or re-save it "
-                             f"as PNG or JPEG.") from None
-        looks = ("an HTML/XML page, not the picture itself: link to the image file (right-click the picture, "
-                 "'Copy image address')" if head.lstrip()[:1] == b'<' else "not an image (it does not start like a PNG, JPEG, GIF, BMP, TIFF or WebP file)")
-        raise ValueError(f"load_image: {where} is {looks}. Pass a PNG, JPEG, GIF, BMP, TIFF or WebP file.") from None
-
-# %% ../nbs/03_img2img.ipynb #a7597326
-def _to_rgb(img: Image.Image) -> Image.Image:
-    "RGB, upright; transparent parts become white paper (not black); 16-bit greyscale scaled down to 8 bits (by its depth, not its brightest pixel)."
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-        a = np.asarray(img, np.float64)
-        top = 65535. if img.mode.startswith('I;16') else 1. if a.max() <= 1 else 255. if a.max() <= 255 else 65535.  # 16-bit: by its depth, however dark
-        img = Image.fromarray((a / top * 255).clip(0, 255).round().astype(np.uint8), 'L')
-    if img.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or (img.mode in ('P', 'L', 'RGB') and 'transparency' in img.info):
-        img = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
-    return img.convert('RGB')
-
-# %% ../nbs/03_img2img.ipynb #cd364c8a
-def _target_size(size, img: Image.Image) -> tuple[int, int, str]:
-    "(width, height, why) for `size`: None (round down to multiples of 8), an int, (w, h) or a pipeline."
-    if size is None:
-        w, h = img.width // 8 * 8, img.height // 8 * 8
-        if not w or not h: raise ValueError(f"load_image: the image is {img.width}x{img.height}, smaller than 8 pixels "
-                                            f"on a side; the VAE needs at least 8x8. Pass a larger picture.")
-        return w, h, 'a multiple of 8 on each side'
-    if hasattr(size, 'unet'):
-        d = pipe_defaults(size)
-        return d['width'], d['height'], "the model's size"
-    if isinstance(size, str): raise TypeError(
-        f"load_image: size={size!r}: pass a pipeline (size=pipe, the model's size), an int or (width, height)")
-    if isinstance(size, (int, np.integer)): size_wh = (size, size)
-    elif isinstance(size, (tuple, list)) and len(size) == 2: size_wh = tuple(size)
-    else: raise TypeError(f"load_image: size={size!r}: pass an int (square), (width, height), a pipeline, or None")
-    w, h = size_wh
-    if any(isinstance(v, (int, np.integer)) and v > 4096 for v in (w, h)):
-        raise ValueError(f"load_image: size={size!r} is larger than 4096 pixels on a side; Stable Diffusion v1 works "
-                         f"at 512, the embedded model at 64")
-    if not all(isinstance(v, (int, np.integer)) and v > 0 and v % 8 == 0 for v in (w, h)):
-        r8 = lambda v: max(8, int(round(float(v) / 8)) * 8) if isinstance(v, (int, float, np.number)) else 64
-        raise ValueError(f"load_image: size={size!r}: width and height must be positive multiples of 8 (the VAE "
-                         f"shrinks pictures 8 times); try size={(r8(w), r8(h))}, or size=pipe for the model's size.")
-    return int(w), int(h), f'size={size!r}'
-
-# %% ../nbs/03_img2img.ipynb #e6862850
-def load_image(url_or_path_or_image: str | os.PathLike | Image.Image | np.ndarray, # http(s) URL, file, PIL image or uint8 array
-               size: int | tuple[int, int] | Any | None = None, # int (square), (width, height), a pipeline (its size), or None
-               cache_dir: str | os.PathLike | None = None         # where downloads are kept (default `CACHE_DIR`)
-              ) -> Image.Image:
-    "An RGB picture ready for img2img: downloaded once if a URL, transparency on white, resized or cropped to `size`."
-    src = url_or_path_or_image
-    if isinstance(src, Image.Image): img, shown = src, 'the given image'
-    elif isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3): raise TypeError(
-            f"load_image: {_ARG} is an array of {src.dtype} with shape {src.shape}; pass uint8 HxW or HxWx3/4 pixels")
-        if src.ndim == 3 and src.shape[-1] not in (1, 3, 4): raise TypeError(
-            f"load_image: {_ARG} is an array of shape {src.shape}, which looks channels-first; pass height x width x "
-            f"channels: arr.transpose(1, 2, 0)")
-        img, shown = Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[-1] == 1 else src), 'the given array'
-    elif _is_url(src): img, shown = _open(_download(src, cache_dir), repr(src), from_url=True), repr(src)
-    elif isinstance(src, (str, os.PathLike)):
-        if isinstance(src, str) and '://' in src: raise ValueError(
-            f"load_image: {_ARG}={src!r}: only http:// and https:// URLs can be downloaded; save the file and pass its path")
-        p = Path(src).expanduser()
-        if not p.exists(): raise FileNotFoundError(
-            f"load_image: {_ARG}={str(src)!r} does not exist (looked in {str(p.resolve().parent)!r}). Check the path "
-            f"and the working folder, or pass an http(s) URL or a PIL image; `sketch_path()` is the course's sketch.")
-        if p.is_dir(): raise IsADirectoryError(f"load_image: {_ARG}={str(src)!r} is a folder; pass one image file in it")
-        img, shown = _open(p, repr(str(src))), repr(str(src))
-    else: raise TypeError(f"load_image: {_ARG} is a {type(src).__name__}; pass an http(s) URL, a file path, "
-                          f"a PIL image or a uint8 array")
-    if not isinstance(src, Image.Image) and getattr(img, 'n_frames', 1) > 1: warnings.warn(
-        f"load_image: {shown} is animated ({img.n_frames} frames); using its first frame. For another, open it and "
-        f"choose: im = Image.open(path); im.seek(i); load_image(im.convert('RGB'))", stacklevel=2)
-    img = _to_rgb(img)
-    w, h, why = _target_size(size, img)
-    if (w, h) != img.size:
-        cropped = abs(w / h - img.width / img.height) > 1e-3
-        if cropped or size is None: warnings.warn(f"load_image: resized {shown} from {img.width}x{img.height} to {w}x{h} ({why})"
-                      + ("; centre-cropped to the new proportions first" if cropped else "")
-                      + ". Pass size=(width, height) to choose another size.", ResizeNote, stacklevel=2)   # a resize that was asked for goes without a note
-        img = ImageOps.fit(img, (w, h), Image.LANCZOS)
-    return img
 
 # %% ../nbs/03_img2img.ipynb #07020515
 def _outline(shape: str, r: float) -> np.ndarray:
     "Corner points of `shape` (radius `r`, centred on 0), as the shapes world draws it."
-    from sd_intro.shapes import _regular, _star
-    if shape == 'circle': return _regular(48, r, 0, 0)
-    if shape == 'square': return _regular(4, r * 1.15, 45, 0)
-    if shape == 'triangle': return _regular(3, r * 1.25, -90, 0) - [0, 0.2 * r]
-    if shape == 'star': return _star(r * 1.2, 0)
+    from sd_intro.shapes import regular_polygon, star_points
+    if shape == 'circle': return regular_polygon(48, r, 0, 0)
+    if shape == 'square': return regular_polygon(4, r * 1.15, 45, 0)
+    if shape == 'triangle': return regular_polygon(3, r * 1.25, -90, 0) - [0, 0.2 * r]
+    if shape == 'star': return star_points(r * 1.2, 0)
     raise ValueError(f"shape={shape!r}: sketches exist for 'circle', 'square', 'triangle' and 'star'")
 
 def _wobbly(pts: np.ndarray, rng, wobble: float, overshoot: float, n: int = 400) -> np.ndarray:
@@ -335,18 +217,13 @@ def img2img_by_hand(pipe,                          # a loaded pipeline (txt2img 
                     record: bool = False           # keep every step's predictions in `.trace`
                    ):
     "Img2img on lesson 2's sampler: the same images as the img2img pipeline for the same seeds (no safety checker)."
-    from sd_intro.guidance import encode_prompts, denoise, decode, Sampled
-    check_guidance(guidance_scale, negative_prompt)
-    prompts = prompts_for(prompt, n, seed)
-    seeds = seeds_for(seed, len(prompts))
-    gens = generators(seeds)
-    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
+    from sd_intro.guidance import start_sampling, denoise, decode, Sampled
+    prompts, seeds, gens, cond, uncond = start_sampling(pipe, prompt, seed, n, negative_prompt, guidance_scale)
     latents, timesteps = noised_start(pipe, image, strength, num_inference_steps, gens)
     latents, trace = denoise(pipe, latents, cond, uncond, timesteps, guidance_scale, record=record, generator=gens)
-    d, (h, w) = pipe_defaults(pipe), [v * pipe.vae_scale_factor for v in latents.shape[-2:]]
-    settings = [dict(prompt=p, negative_prompt=negative_prompt or '', seed=s, steps=num_inference_steps,
-                     guidance_scale=guidance_scale, width=w, height=h, sampler=_sampler(pipe),
-                     model=d['model'], nsfw=False, strength=strength) for p, s in zip(prompts, seeds)]
+    h, w = [v * pipe.vae_scale_factor for v in latents.shape[-2:]]
+    settings = [dict(st, strength=strength) for st in settings_for(pipe, prompts, seeds, negative_prompt,
+                                                                   num_inference_steps, guidance_scale, h, w)]
     return Sampled(decode(pipe, latents), settings, [False] * len(prompts), latents=latents, trace=trace)
 
 # %% ../nbs/03_img2img.ipynb #416e682e
@@ -365,14 +242,14 @@ class Hop:
         if not isinstance(self.prompt, str): raise TypeError(f"Hop prompt={self.prompt!r}: pass the prompt as a str")
         if not isinstance(self.negative_prompt, str): raise TypeError(
             f"Hop negative_prompt={self.negative_prompt!r}: pass a str ('' for none)")
-        if not _whole(self.seed):
+        if not is_whole(self.seed):
             raise TypeError(f"Hop seed={self.seed!r}: use a whole number (the images use seed, seed+1, ...)")
         if not isinstance(self.strength, (int, float, np.number)) or not 0 < self.strength <= 1:
             raise ValueError(f"Hop strength={self.strength!r}: use more than 0 (keep the picture) and at most 1 (redraw it)")
         self.strength = float(self.strength)
         for k in ('n', 'keep', 'steps', 'seed'):   # numpy numbers are fine, and the JSON record holds plain ones
             v = getattr(self, k)
-            if _whole(v): setattr(self, k, int(v))
+            if is_whole(v): setattr(self, k, int(v))
         if isinstance(self.guidance_scale, np.number): self.guidance_scale = float(self.guidance_scale)
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1: raise ValueError(f"Hop n={self.n!r}: make at least 1 image")
         if not isinstance(self.keep, int) or isinstance(self.keep, bool) or not 0 <= self.keep < self.n:
@@ -452,7 +329,7 @@ def run_chain(pipe,              # a txt2img or img2img pipeline (its parts are 
     if isinstance(hops, (Hop, dict)): hops = [hops]   # one hop
     hops = [_as_hop(h) for h in hops]
     if not hops: raise ValueError("run_chain: hops is empty; pass at least one Hop")
-    source = start if _is_url(start) else str(Path(start).expanduser().resolve()) if isinstance(start, (str, os.PathLike)) else None
+    source = start if is_url(start) else str(Path(start).expanduser().resolve()) if isinstance(start, (str, os.PathLike)) else None
     fit = isinstance(size, str) and size == 'model'
     with warnings.catch_warnings():
         if fit: warnings.simplefilter('ignore', ResizeNote)   # fitting to the model is what size='model' asks for
@@ -480,7 +357,7 @@ def _chain_record(record) -> dict:
     if record.get('kind') != 'sd_intro.chain': raise ValueError("replay_chain: record is not a chain record (kind != 'sd_intro.chain')")
     missing = [k for k in ('width', 'height', 'start', 'hops') if k not in record]
     if missing: raise ValueError(f"replay_chain: the record lacks {missing}; it was not written by `run_chain`")
-    if not all(_whole(record[k]) and 8 <= record[k] <= 4096 for k in ('width', 'height')): raise ValueError(
+    if not all(is_whole(record[k]) and 8 <= record[k] <= 4096 for k in ('width', 'height')): raise ValueError(
         f"replay_chain: the record's size {record['width']!r} x {record['height']!r} is not a size in pixels")
     st = record['start']
     if not isinstance(st, dict): raise ValueError(f"replay_chain: the record's start is a {type(st).__name__}, not "

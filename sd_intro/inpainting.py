@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from .core import (load_pipeline, generate, image_grid, save_image, read_settings, replay, pipe_defaults,
-                           pipe_params, generators, seeds_for, prompts_for, check_guidance, check_steps, Generation)
+                           pipe_params, generators, seeds_for, prompts_for, check_guidance, check_steps, Generation, settings_for)
 from .shapes import Scene, render, to_pil, COLOURS, SIZE
+from .images import mask_id, check_mask, check_inpaint_inputs   # moved down (issue 28); still importable from here
+_all_ = ['mask_id', 'check_mask', 'check_inpaint_inputs']
 
 # %% auto #0
 __all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'inpaint_start', 'blend',
            'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'paste_original',
-           'pasted_back', 'vae_round_trip', 'mask_id', 'save_inpainting', 'replay_inpainting', 'check_mask',
+           'pasted_back', 'vae_round_trip', 'save_inpainting', 'replay_inpainting', 'mask_id', 'check_mask',
            'check_inpaint_inputs']
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
@@ -130,25 +132,21 @@ def inpaint_by_hand(pipe,                          # a loaded pipeline with a 4-
                     strength: float = 1.0
                    ):
     "Inpainting on lesson 2's sampler, a `blend` after every step: the same pictures as the pipeline for the same seeds."
-    from sd_intro.guidance import encode_prompts, denoise, decode, Sampled, _settings
+    from sd_intro.guidance import start_sampling, denoise, decode, Sampled
     if pipe.unet.config.in_channels != 4: raise ValueError(
         f"inpaint_by_hand: this UNet takes {pipe.unet.config.in_channels} input channels: it is an inpainting checkpoint, "
         f"which is shown the mask and the masked picture instead of being blended; run it with generate(pipe, ...)")
     check_mask(mask_image)   # before any work
-    check_guidance(guidance_scale, negative_prompt)
     check_steps(num_inference_steps, pipe)
-    prompts = prompts_for(prompt, n, seed)
-    seeds = seeds_for(seed, len(prompts))
-    gens = generators(seeds)
-    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
+    prompts, seeds, gens, cond, uncond = start_sampling(pipe, prompt, seed, n, negative_prompt, guidance_scale)
     st = inpaint_start(pipe, image, mask_image, gens, num_inference_steps, strength)
     latents, ts = st['latents'], st['timesteps']
     for i, t in enumerate(ts):
         latents, _ = denoise(pipe, latents, cond, uncond, ts[i:i + 1], guidance_scale, generator=gens)
         latents = blend(pipe, latents, st['x0'], st['noise'], st['mask'], ts[i + 1] if i + 1 < len(ts) else None)
     images = decode(pipe, latents)
-    settings = _settings(pipe, prompts, seeds, negative_prompt, num_inference_steps, guidance_scale,
-                         images[0].height, images[0].width, [False] * len(prompts))
+    settings = settings_for(pipe, prompts, seeds, negative_prompt, num_inference_steps, guidance_scale,
+                            images[0].height, images[0].width, [False] * len(prompts))
     for s in settings: s.update(strength=strength, mask=mask_id(check_mask(mask_image)))
     return Sampled(images, settings, [False] * len(prompts), latents=latents)
 
@@ -265,13 +263,6 @@ def vae_round_trip(pipe, picture: Image.Image) -> Image.Image:
     return pipe.image_processor.postprocess(y)[0]
 
 # %% ../nbs/04_inpainting.ipynb #ba43cd2e
-def mask_id(mask_image) -> str:
-    "A short fingerprint of a mask as the pipeline reads it (white where >= 128): what settings record for it."
-    if isinstance(mask_image, (list, tuple)): mask_image = mask_image[0]
-    m = np.asarray(mask_image.convert('L') if isinstance(mask_image, Image.Image) else mask_image)
-    m = m >= (128 if m.dtype == np.uint8 else 0.5)
-    return hashlib.sha256(np.packbits(m).tobytes() + str(m.shape).encode()).hexdigest()[:12]
-
 def _beside(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.stem + '.mask.png'), path.with_name(path.stem + '.start.png')
 
@@ -312,67 +303,3 @@ def replay_inpainting(path: str | os.PathLike, # a PNG written by `save_inpainti
     if missing: raise FileNotFoundError(f"replay_inpainting: {missing} not found; save_inpainting writes the picture, "
                                         f"its .mask.png and its .start.png together: keep them together")
     return replay(path, inpaint_pipeline(pipe), image=Image.open(spath).convert('RGB'), mask_image=Image.open(mpath))
-
-# %% ../nbs/04_inpainting.ipynb #40916f6f
-def check_mask(mask_image,           # PIL image ('L' or '1', or grey RGB), H x W bool/uint8 array, or a path
-               image=None,           # the picture it goes with (its size must match)
-               factor: int = 8       # the VAE's downscale: the mask must cover at least one latent
-              ) -> Image.Image:
-    "`mask_image` as a one-channel picture (white: repaint), or a clear error: wrong type, colour mode, size, or nothing/everything to repaint."
-    m = mask_image
-    if isinstance(m, (list, tuple)): raise TypeError(
-        f"mask_image is a {type(m).__name__}; pass one mask (generate uses it for every image)")
-    if isinstance(m, (str, os.PathLike)):
-        p = Path(m).expanduser()
-        if not p.is_file(): raise FileNotFoundError(f"mask_image={str(m)!r} does not exist; pass a mask picture's path")
-        m = Image.open(p); m.load()
-    if isinstance(m, np.ndarray):
-        if m.ndim != 2 or m.dtype not in (np.bool_, np.uint8): raise TypeError(
-            f"mask_image is an array of {m.dtype} with shape {m.shape}; pass an H x W bool or uint8 array (True/255: repaint)")
-        m = Image.fromarray(m.astype(np.uint8) * 255 if m.dtype == np.bool_ else m, 'L')
-    if not isinstance(m, Image.Image): raise TypeError(
-        f"mask_image is a {type(m).__name__}; pass a PIL image (white: repaint, black: keep), an H x W array or a path")
-    if m.mode == 'RGB':
-        a = np.asarray(m)
-        if not ((a[..., 0] == a[..., 1]) & (a[..., 1] == a[..., 2])).all(): raise ValueError(
-            "mask_image is a colour (RGB) picture: a mask is black and white (white: repaint, black: keep). Was the "
-            "picture passed as the mask? Make one with scene_mask(...), or draw it in mode 'L'")
-        m = m.convert('L')
-    elif m.mode == '1': m = m.convert('L')
-    elif m.mode != 'L': raise ValueError(
-        f"mask_image has mode {m.mode!r}; a mask has one channel, white where to repaint: convert it with "
-        f"mask.convert('L') (for a transparency mask: mask.getchannel('A'))")
-    if image is not None:
-        size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        if m.size != size: raise ValueError(
-            f"mask_image is {m.width}x{m.height} but image is {size[0]}x{size[1]}: they must match pixel for pixel "
-            f"(diffusers would stretch the mask silently); use mask.resize(image.size, Image.NEAREST)")
-    white = np.asarray(m) >= 128
-    if not white.any(): raise ValueError(
-        "mask_image is all black: nothing would be repainted (the picture would only pass through the VAE); paint "
-        "white where the picture should change")
-    if white.all(): raise ValueError(
-        "mask_image is all white: the whole picture would be repainted, which is txt2img; use generate(pipe, ...), or "
-        "img2img to keep its layout, or paint black where the picture should stay")
-    if not white[::factor, ::factor].any(): raise ValueError(
-        f"mask_image's white part misses every latent (one latent stands for {factor}x{factor} pixels and reads the "
-        f"mask at its top-left pixel), so nothing would be repainted: grow the white part to {factor} pixels or more")
-    return m
-
-# %% ../nbs/04_inpainting.ipynb #59204589
-def check_inpaint_inputs(image,                    # the picture (anything `load_image` takes)
-                         mask_image,               # its mask
-                         n: int,                   # images to make
-                         padding_mask_crop=None    # the pipeline's crop padding, if any
-                        ) -> tuple:
-    "`generate`'s inpainting inputs: the picture and a checked mask, as one copy per image so that each seed alone decides its picture."
-    from sd_intro.img2img import load_image
-    if mask_image is None: raise ValueError(
-        "generate: an inpainting pipeline needs mask_image=: white where to repaint, black where to keep "
-        "(for the shapes world: scene_mask(scene, 'object'))")
-    if isinstance(image, (list, tuple)): raise TypeError(
-        f"image is a {type(image).__name__}; pass one picture (generate uses it for every image)")
-    img = image if isinstance(image, (Image.Image, torch.Tensor)) else load_image(image)
-    mask = check_mask(mask_image, img if isinstance(img, Image.Image) else None)
-    if padding_mask_crop is not None or n == 1: return img, mask   # the crop needs single pictures
-    return [img] * n, [mask] * n

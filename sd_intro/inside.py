@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from .core import (EMBEDDED_MODEL, atomic_dir, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for,
-                   check_device, choose_dtype, loading_error, scheduler_spec, _whole, _real)
+                   check_device, choose_dtype, loading_error, scheduler_spec, is_whole, is_real)
 from .guidance import denoise, initial_latents
 from .pipelines import predict_x0
 from .shapes import COLOURS, HELD_OUT
@@ -206,8 +206,8 @@ class LossGuidance:
                  scale: float = 20.0,         # step size: latents -= scale * gradient
                  every: int = 2):             # guide every `every`-th step (each costs a VAE decode and its gradient)
         if not callable(loss): raise TypeError(f"loss={loss!r}: pass a function of a picture batch, e.g. colour_loss('blue')")
-        if not _real(scale) or scale < 0: raise ValueError(f"scale={scale!r}: use a number of 0 or more")
-        if not _whole(every) or every < 1: raise ValueError(f"every={every!r}: use a whole number of at least 1")
+        if not is_real(scale) or scale < 0: raise ValueError(f"scale={scale!r}: use a number of 0 or more")
+        if not is_whole(every) or every < 1: raise ValueError(f"every={every!r}: use a whole number of at least 1")
         sched = pipe.scheduler
         if float(getattr(sched, 'init_noise_sigma', 1.0)) != 1.0 or not hasattr(sched, 'alphas_cumprod'):
             raise ValueError(f"LossGuidance needs a scheduler whose latents are sqrt(abar) x0 + sqrt(1 - abar) noise (DDIM, PNDM, "
@@ -299,8 +299,8 @@ def textual_inversion(parts,                   # `Parts` (changed in place: the 
     from sd_intro.embedded import diffusion_loss
     from sd_intro.finetune import check_imagefolder
     for k, v in (('steps', steps), ('batch_size', batch_size)):
-        if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
-    if not _real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 1e-2")
+        if not is_whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
+    if not is_real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 1e-2")
     caps = check_imagefolder(data)
     pat = re.compile(rf"\b{re.escape(word)}\b")
     rows = [(f, pat.sub(token, c)) for f, c in caps.items() if pat.search(c)]
@@ -357,8 +357,8 @@ def fit_conditioning(parts,            # `Parts` (or a pipeline): its UNet stays
     "The text-encoder output (1 x length x width) that best lets the frozen UNet denoise `images`: all of it trained, no text."
     from sd_intro.embedded import diffusion_loss
     for k, v in (('steps', steps), ('batch_size', batch_size)):
-        if not _whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
-    if not _real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 3e-2")
+        if not is_whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
+    if not is_real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 3e-2")
     images = list(images)
     if not images: raise ValueError("images is empty: pass the pictures to fit")
     latents = images_to_latents(parts.vae, images)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import generate, hooked_step, image_grid, scheduler_for, make_scheduler, SAMPLER_NAMES, Generation, _whole, check_steps
+from .core import generate, hooked_step, image_grid, scheduler_for, make_scheduler, SAMPLER_NAMES, Generation, is_whole, check_steps
 
 # %% auto #0
 __all__ = ['decode_latents', 'x0_from_prediction', 'predict_x0', 'Progress', 'StepRecorder', 'denoising_progress',
@@ -192,7 +192,7 @@ def steps_sweep(pipe, prompts: str | Sequence[str], # the prompts (one image eac
                 **kwargs                         # passed to `generate`
                ) -> dict[int, Generation]:
     "The same prompts and seeds generated at each number of steps in `steps`."
-    if _whole(steps): raise TypeError(f"steps={steps!r}: pass a list of step counts, e.g. steps=[{steps}]")
+    if is_whole(steps): raise TypeError(f"steps={steps!r}: pass a list of step counts, e.g. steps=[{steps}]")
     return {int(n): generate(pipe, prompts, seed=seed, num_inference_steps=n, **kwargs) for n in steps}
 
 # %% ../nbs/01_pipelines.ipynb #4680ad17

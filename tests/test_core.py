@@ -8,8 +8,8 @@ from PIL import Image
 
 import sd_intro
 from sd_intro.core import (EMBEDDED_MODEL, image_grid, choose_dtype, resolve_model, load_pipeline, generate, save_image,
-                           read_settings, replay, parse_parameters, format_parameters, seeds_for, scheduler_for,
-                           _has_fp16_variant, _LOADED)
+                           read_settings, replay, parse_parameters, format_parameters, seeds_for, scheduler_for)
+from sd_intro.loading import _has_fp16_variant, _LOADED   # the loader's own cache and weight probe (moved with it)
 
 
 def tiles(n, size=(8, 8)): return [Image.new('RGB', size, (i * 20 % 255, 0, 0)) for i in range(n)]

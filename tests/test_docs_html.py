@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / 'tools'))
 import render  # noqa: E402
 from test_playground_e2e import CHROMIUM, CHROMIUM_ARGS, _requirements  # noqa: E402
 
-PAGES = render.lessons() + [p for p in render.notebooks() if p.stem == '12_playground']
+PAGES = render.lessons() + [p for p in render.notebooks() if p.stem == '10_tool_playground']
 IMAGES = """() => Array.from(document.images).filter(i => !/^https?:/.test(i.getAttribute('src') || ''))
   .map(i => ({src: (i.getAttribute('src') || '').slice(0, 60), ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}))"""
 
@@ -58,5 +58,5 @@ def test_page_shows_its_pictures(site, browser, nb):
     assert not broken, f"{nb.name}: pictures that do not load on its page: {broken}"
     expected = render.images_in(json.loads(nb.read_text()))
     assert len(imgs) >= max(expected, 1), f"{nb.name}: {len(imgs)} pictures on its page, {expected} in its outputs: run `make render`"
-    if nb.stem == '12_playground':
+    if nb.stem == '10_tool_playground':
         assert any('images/playground' in i['src'] for i in imgs), "the playground page must show a picture of the panel"

@@ -19,7 +19,7 @@ A comparison without a figure in a README caption ("judged right more often than
 say the figures, so that they are checked.
 
 Usage: python tools/claims.py [NOTEBOOK ...]   prints "notebook, cell, figure, nearest printed values" for each
-figure that does not hold (default: every lesson, every appendix, and the README's captions); exit status 1 if any.
+figure that does not hold (default: every lesson, library and tool notebook, and the README's captions); exit status 1 if any.
 """
 from __future__ import annotations
 import json, math, re, sys
@@ -300,8 +300,8 @@ def check_readme(path: Path = ROOT / 'README.md') -> list[Finding]:
 
 
 def checked_notebooks() -> list[Path]:
-    "Every lesson (nbs/0[1-9]_*.ipynb) and appendix (nbs/1[0-9]_*.ipynb)."
-    return sorted(p for p in NBS.glob('*.ipynb') if re.match(r'(0[1-9]|1\d)_', p.name))
+    "Every lesson (nbs/0[1-9]_*.ipynb), library notebook (nbs/00x_lib_*.ipynb) and tool (nbs/1[0-9]_tool_*.ipynb)."
+    return sorted(p for p in NBS.glob('*.ipynb') if re.match(r'(0[1-9]|1\d)_|00[a-z]_lib_', p.name))
 
 
 def main(argv=None):

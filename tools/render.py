@@ -36,7 +36,7 @@ def notebooks() -> list[Path]:
 
 
 def lessons() -> list[Path]:
-    "The lessons: notebooks 01 to 09 (00 is the core library, 10 and up are appendices, index is the home page)."
+    "The lessons: notebooks 01 to 09 (00a-00g are the library, 10 and up the tools, index is the home page)."
     return [p for p in notebooks() if re.match(r'0[1-9]_', p.name)]
 
 
