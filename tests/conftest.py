@@ -4,6 +4,10 @@ import pytest
 os.environ.setdefault('HF_HUB_OFFLINE', '1')        # no test may download anything
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.pop('SD_INTRO_MODEL', None)               # tests run on the embedded model
+if os.environ.get('PYTEST_XDIST_WORKER'):            # `make test` runs one worker per core: one torch thread each
+    os.environ.setdefault('OMP_NUM_THREADS', '1'); os.environ.setdefault('MKL_NUM_THREADS', '1')
+    import torch
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='session')

@@ -6,7 +6,7 @@ without a GPU or internet. Cells for a real checkpoint must skip themselves ther
 cell may print warning spam. `make render` uses the same execution (tools/render.py) to write the outputs that are
 committed; tests/test_notebooks.py leaves the lessons to this test, so each notebook runs once in `make test`.
 """
-import re, sys
+import os, re, sys
 from pathlib import Path
 import pytest
 
@@ -43,7 +43,8 @@ def test_there_are_lessons():
 
 @pytest.mark.parametrize('nb', render.lessons(), ids=lambda p: p.stem)
 def test_lesson_runs_as_committed_without_a_gpu(nb):
-    out, secs = render.execute(nb)   # raises nbclient's CellExecutionError, naming the cell, on any error
+    threads = 1 if os.environ.get('PYTEST_XDIST_WORKER') else None   # side by side with other tests: a core each
+    out, secs = render.execute(nb, threads=threads)   # raises nbclient's CellExecutionError, naming the cell, on any error
     gpu = [c for c in out['cells'] if c['cell_type'] == 'code' and re.search(r'^#\|\s*gpu', ''.join(c['source']), re.M)]
     for c in gpu:
         text = stream_text(c).strip()
