@@ -168,12 +168,12 @@ KILL_DISTILL = {
     'while saving the LoRA': "log = None\nD.save_lcm_lora = lambda *a, **k: kill()",
     'while writing a checkpoint': """
         log = None
-        orig = D._save_atomic
+        orig = D.save_state
         def save(obj, path):
             if path.name == 'checkpoint.pt' and obj['step'] == 2:
                 torch.save(obj, path.with_name(path.name + '.tmp')); kill()
             orig(obj, path)
-        D._save_atomic = save""",
+        D.save_state = save""",
 }
 
 
