@@ -249,7 +249,8 @@ def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
 
 # %% ../nbs/00f_lib_training.ipynb #467cc7fc
 def resumable(out: str | os.PathLike,  # the run folder
-              load=load_checkpoint     # loads one checkpoint folder; raises ValueError for one that cannot be resumed
+              load=load_checkpoint,    # loads one checkpoint folder; raises ValueError for one that cannot be resumed
+              fix: str = 'pass overwrite=True to start afresh' # what to do when none can be
              ):
     "(folder, contents) of the newest checkpoint of `out` that loads, warning about each newer damaged one; None if there are none."
     found, bad = checkpoints(out), []
@@ -260,7 +261,7 @@ def resumable(out: str | os.PathLike,  # the run folder
             bad.append(str(e)); continue
         if bad: warnings.warn(f"{'; '.join(bad)}. Resuming from the previous complete one, {ck.name}, instead")
         return ck, contents
-    if bad: raise ValueError(f"{'; '.join(bad)}. No checkpoint in {out} can be resumed: pass overwrite=True to start afresh")
+    if bad: raise ValueError(f"{'; '.join(bad)}. No checkpoint in {out} can be resumed: {fix}")
     return None
 
 def clear_temporaries(out: str | os.PathLike):
