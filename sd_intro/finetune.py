@@ -4,15 +4,14 @@
 
 # %% ../nbs/05_finetuning.ipynb #e4686c46
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, inspect, io, json, os, random, re, shutil, sys, time, warnings
+import argparse, contextlib, copy, dataclasses, hashlib, inspect, json, os, random, re, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file, load_file
 from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL,
                    Extra, add_extra, lora_record, _real, _whole)
 from .embedded import diffusion_loss, EVAL_PROMPTS
