@@ -343,27 +343,29 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
             with contextlib.suppress(OSError): out.rmdir()
         lock.release()
 
-# %% ../nbs/00f_lib_training.ipynb #0dbccec1
-from diffusers.training_utils import EMAModel
-
-class EMA(EMAModel):
-    "diffusers' `EMAModel` of `model`'s parameters, kept in a copy of the model (`.model`); its decay warms up from the first step."
+# %% ../nbs/00f_lib_training.ipynb #98cc6e60
+class EMA:
+    "An exponential moving average of `model`'s parameters: diffusers' `EMAModel` (`.ema`), kept in a copy of the model (`.model`); its decay warms up from the first step."
     def __init__(self, model: torch.nn.Module, # the model being trained
                  decay: float = 0.999):        # the longest memory
-        super().__init__(model.parameters(), decay=decay)
+        from diffusers.training_utils import EMAModel   # (here, not at the top: importing it takes seconds)
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.shadow_params = list(self.model.parameters())   # the average lives in the copy: `.model` is always current
+        self.ema = EMAModel(self.model.parameters(), decay=decay)
+        self.ema.shadow_params = list(self.model.parameters())   # the average lives in the copy: `.model` is always current
+        self.ema.get_decay = self.get_decay
+    @property
+    def decay(self) -> float: return self.ema.decay
     def get_decay(self, optimization_step: int) -> float:
-        "min(decay, (1 + t) / (10 + t)) at step t = optimization_step - 1."
+        "min(decay, (1 + t) / (10 + t)) at step t = optimization_step - 1 (diffusers' own gives 0 at t = 0)."
         t = optimization_step - 1
-        return min(self.decay, (1 + t) / (10 + t))
+        return min(self.ema.decay, (1 + t) / (10 + t))
     def update(self, model: torch.nn.Module, step: int | None = None):
         "One step of the average towards `model`'s parameters (`step`: the optimiser step just taken, from 0; default: the next)."
-        if step is not None: self.optimization_step = step
-        self.step(model.parameters())
+        if step is not None: self.ema.optimization_step = step
+        self.ema.step(model.parameters())
     def load(self, weights: dict, step: int):
         "Resume: the average's weights (by parameter name) and the optimiser steps it has seen."
-        self.model.load_state_dict(weights); self.optimization_step = step
+        self.model.load_state_dict(weights); self.ema.optimization_step = step
 
 # %% ../nbs/00f_lib_training.ipynb #aded7d71
 def save_lora(unet,                          # a UNet with a peft LoRA adapter

@@ -101,11 +101,12 @@ KILL_FT = {
             return r
         ft.save_checkpoint = save_checkpoint""",
     'inside checkpoint 2': """
-        orig = ft.save_file
+        import sd_intro.training as training   # (checkpoints are the training loop's)
+        orig = training.save_file
         def save_file(tensors, path, *a, **k):
             orig(tensors, path, *a, **k)
             if 'step-000002' in str(path): kill()
-        ft.save_file = save_file""",
+        training.save_file = save_file""",
     'after validation 3, before the result': """
         ft.save_finetuned = lambda *a, **k: kill()""",
 }
