@@ -17,7 +17,9 @@ import sd_intro
 from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, pipe_defaults
 from .shapes import BASE_SHAPES, COLOURS, SIZE, Scene, random_scene, render, caption, to_pil, object_mask, judge
 from .embedded import diffusion_loss
-from .finetune import save_checkpoint, load_checkpoint, checkpoints, run_lock, vae_latents, model_fingerprint
+from .finetune import vae_latents
+from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, clear_temporaries, run_lock, model_fingerprint,
+                               changed_settings, refuse_resume, train_loop)
 
 # %% auto #0
 __all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
@@ -464,20 +466,15 @@ def _digest(state: dict, weights: dict) -> str:
 
 def resumable_checkpoint(out: str | os.PathLike) -> tuple[Path, tuple] | None:
     "(folder, (state, weights, optimizer state)) of the newest checkpoint of `out` that loads and is as the run wrote it; each newer bad one is named in a warning."
-    bad = []
-    for ck in checkpoints(out):
-        try:
-            state, weights, _, opt = load_checkpoint(ck, digest=False)   # (its own digest covers the weights too)
-            if state.get('digest') != _digest(state, weights): raise ValueError(
-                f"checkpoint {ck}: state.json or trainable.safetensors is not as the run wrote it (edited, or from "
-                f"another checkpoint)")
-            if state['step'] != int(ck.name[5:]): raise ValueError(f"checkpoint {ck}: its state.json says step {state['step']}")
-        except ValueError as e: bad.append(str(e)); continue
-        if bad: warnings.warn(f"{'; '.join(bad)}. Resuming from the previous good one, {ck.name}, instead (delete the "
-                              f"bad folder to silence this)")
-        return ck, (state, weights, opt)
-    if bad: raise ValueError(f"{'; '.join(bad)}. No checkpoint in {out} can be resumed: pass overwrite=True to start afresh")
-    return None
+    def load(ck):
+        state, weights, _, opt = load_checkpoint(ck, digest=False)   # (its own digest covers the weights too)
+        if state.get('digest') != _digest(state, weights): raise ValueError(
+            f"checkpoint {ck}: state.json or trainable.safetensors is not as the run wrote it (edited, or from "
+            f"another checkpoint)")
+        if state['step'] != int(ck.name[5:]): raise ValueError(f"checkpoint {ck}: its state.json says step {state['step']}")
+        return state, weights, opt
+    return resumable(out, load)   # the training loop's: the newest that loads, a warning for each newer bad one
+
 
 # %% ../nbs/08_controlnet.ipynb #clear
 RESULT_FILES = ('config.json', 'diffusion_pytorch_model.safetensors')
@@ -554,7 +551,6 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
     "`train_controlnet`, once the run folder is held."
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
     main, rank, device = acc.is_main_process, acc.process_index, acc.device
     if (out / 'controlnet').is_dir() and not cfg.overwrite: raise FileExistsError(
         f"{out} already holds the result of a finished run (controlnet/): pass overwrite=True to train again and "
@@ -580,18 +576,15 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
     if found is not None:
         ck, (state, weights, opt_state) = found
         defaults = json.loads(json.dumps(asdict(ControlNetConfig())))   # a setting added since: its default is what the run did
-        diff = {k: (state['run'].get(k), v) for k, v in run.items()
-                if state['run'].get(k, defaults.get(k)) != v}
-        if diff: raise ValueError(f"cannot resume {ck}: it was made with other settings or another model {{name: (then, "
-                                  f"now)}}: {diff}; use the same settings, or overwrite=True to start afresh")
+        refuse_resume(f"{ck}", changed_settings(state['run'], run, defaults=defaults),
+                      "use the same settings and model, or overwrite=True to start afresh")
         cn.load_state_dict(weights)
         optimizer.load_state_dict(opt_state['optimizer']); lr_sched.load_state_dict(opt_state['lr_scheduler'])
         start, losses, history = state['step'], list(state['losses']), {int(k): v for k, v in state['history'].items()}
         before = state.get('seconds', 0.0)
     if cfg.overwrite and found is None and main: clear_run(out)
     acc.wait_for_everyone()
-    if main and (out / 'checkpoints').exists():
-        for t in (out / 'checkpoints').glob('.tmp-step-*'): shutil.rmtree(t, ignore_errors=True)  # left by a kill
+    if main: clear_temporaries(out)   # checkpoint folders a kill left half-written
     cn_t, optimizer = acc.prepare(cn, optimizer)
     cn_t.train()
     scenes, controls, prompts = heldout_controls(cfg.validation_images, seed=cfg.seed) if cfg.validation_images else ([], [], [])
@@ -632,11 +625,12 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
         with atomic_file(out / 'run.json') as tmp: tmp.write_text(json.dumps(dict(asdict(cfg), **run), indent=1))
     if start == 0: validate(0); checkpoint(0, keep=False)
     stop = cfg.stop_at or cfg.steps
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and acc.is_local_main_process), desc='ControlNet', unit='step')
     batches = step_batches(cfg, start, stop, rank)
-    for step in range(start, stop):
+
+    def step(i):
+        "ControlNet step `i`: its pictures, controls and captions, one clipped AdamW step; the loss averaged over processes."
         pixels, control, caps = next(batches)
-        g = torch.Generator().manual_seed(_seed('noise', cfg.seed, step, rank))
+        g = torch.Generator().manual_seed(_seed('noise', cfg.seed, i, rank))
         with torch.no_grad():
             latents = vae_latents(pipe.vae, pixels.to(device), g)
             cond = pipe.encode_prompt(caps, device, 1, False)[0]
@@ -645,18 +639,17 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
         acc.backward(loss)
         if cfg.max_grad_norm: acc.clip_grad_norm_(cn_t.parameters(), cfg.max_grad_norm)
         optimizer.step(); lr_sched.step(); optimizer.zero_grad(set_to_none=True)
-        value = acc.gather(loss.detach().reshape(1)).mean().item()
-        if not math.isfinite(value): raise FloatingPointError(
-            f"the loss became {value} at step {step + 1}: lower the learning rate (lr={cfg.lr}) or add warm-up steps")
-        losses.append(value)
-        bar.update(1); bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
-        if done < cfg.steps and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop):
-            validate(done); checkpoint(done)
-            if not cfg.progress and main:
-                print(f"step {done}: loss {np.mean(losses[-cfg.checkpoint_every:]):.4f}" +
-                      (f", validation IoU {history[done]:.3f}" if done in history else ''), flush=True)
-    bar.close()
+        return acc.gather(loss.detach().reshape(1)).mean().item()
+
+    def at_checkpoint(done):
+        validate(done); checkpoint(done)
+        if not cfg.progress and main:
+            print(f"step {done}: loss {np.mean(losses[-cfg.checkpoint_every:]):.4f}" +
+                  (f", validation IoU {history[done]:.3f}" if done in history else ''), flush=True)
+
+    train_loop(step, start, stop, total=cfg.steps, every=cfg.checkpoint_every, final=False, checkpoint=at_checkpoint,
+               log=lambda done, loss: losses.append(loss), progress=cfg.progress and acc.is_local_main_process,
+               desc='ControlNet', advice=f"lower the learning rate (lr={cfg.lr}) or add warm-up steps")
     seconds, saved, net = time.time() - t0, None, acc.unwrap_model(cn_t)
     if stop == cfg.steps:
         validate(cfg.steps); checkpoint(cfg.steps, keep=False)

@@ -4,19 +4,19 @@
 
 # %% ../nbs/07_few_steps.ipynb #cdcc4135
 from __future__ import annotations
-import argparse, copy, inspect, json, os, random, time, warnings
+import argparse, copy, json, os, random, time, warnings
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Sequence
 import torch
 import torch.nn.functional as F
 import sd_intro
-from .core import (load_pipeline, generate, image_grid, atomic_dir, make_scheduler, Generation, check_device, Extra,
+from .core import (load_pipeline, generate, image_grid, make_scheduler, Generation, check_device, Extra,
                    add_extra, pipe_extras, load_lora, is_real, is_whole)
 from .pipelines import x0_from_prediction
 from .embedded import cached_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
-from .finetune import model_fingerprint
+from .training import model_fingerprint, save_lora, save_state, load_state, changed_settings, refuse_resume, train_loop
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
@@ -345,39 +345,15 @@ def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapt
                   info: dict                  # the settings, written beside the weights as `distill.json`
                  ) -> Path:
     "Write `unet`'s LoRA under peft's key names (as diffusers' LCM-LoRA script saves it) and `info`, whole or not at all."
-    from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
-    meta = {}  # the adapter's rank and targets travel with the weights (diffusers >= 0.34 reads them back)
-    if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        meta['unet_lora_adapter_metadata'] = unet.peft_config['default'].to_dict()
-    with atomic_dir(Path(folder).expanduser(), keep_others=True) as tmp:   # files of the user's there stay
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=get_peft_model_state_dict(unet),
-                                                  weight_name=LCM_WEIGHTS, safe_serialization=True, **meta)
-        (tmp / LCM_INFO).write_text(json.dumps(info, indent=1) + '\n')
-    return Path(folder).expanduser()
-
-def _save_atomic(obj, path: Path):
-    tmp = path.with_name(path.name + '.tmp'); torch.save(obj, tmp); os.replace(tmp, path)
-
-def _load_state(path: Path, what: str, fix: str, **kw):
-    "A file of tensors, numbers and strings written by `_save_atomic`, loaded without unpickling code; errors name the file and `fix`."
-    import pickle
-    try: return torch.load(path, weights_only=True, **kw)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e) and 'weights_only' not in str(e): raise ValueError(
-            f"{path} ({what}) is damaged or cut short (UnpicklingError); {fix}") from None
-        raise ValueError(f"{path} ({what}) holds pickled objects other than tensors, numbers and strings; sd_intro does "
-                         f"not load those (loading them could run any code). It was not written by `distill`: {fix}") from None
-    except Exception as e: raise ValueError(f"{path} ({what}) is damaged or cut short ({type(e).__name__}); {fix}") from None
+    # the training loop's LoRA saver, with peft's key names as the LCM-LoRA script saves them (files of the user's stay)
+    return save_lora(unet, folder, weight_name=LCM_WEIGHTS, info=info, info_name=LCM_INFO, diffusers_names=False)
 
 def _check_resumable(st, run: dict, ck: Path, work: Path, steps: int):
     "A clear error for a checkpoint made with other settings, or whose step does not agree with its optimizer and schedule (edited, or not this code's)."
     if not isinstance(st, dict) or not {'lora', 'opt', 'sched', 'step', 'seconds', 'run'} <= set(st):
         raise ValueError(f"{ck} is not a distillation checkpoint (it lacks {sorted({'lora', 'opt', 'sched', 'step', 'run'} - set(st or {}))}); "
                          f"delete it to start afresh")
-    diff = {k: (st['run'].get(k), v) for k, v in run.items() if st['run'].get(k) != v}
-    if diff: raise ValueError(f"cannot resume from {ck}: made with other settings {{name: (then, now)}}: {diff}; use "
-                              f"the same settings, or delete {work} to start afresh")
+    refuse_resume(f"from {ck}", changed_settings(st['run'], run), f"use the same settings, or delete {work} to start afresh")
     step, seen = st['step'], {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
     if not (is_whole(step) and 1 <= step <= steps) or seen != {step} or st['sched'].get('last_epoch') != step:
         raise ValueError(f"{ck} says step {step!r}, but its optimizer has taken {sorted(seen)} steps and its learning-rate "
@@ -421,7 +397,7 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     if cfg.anchor:   # the one-step anchor's pairs: pure noise and the teacher's picture from it, made once
         apath = work / f"anchor-{fingerprint}-{cfg.anchor_pairs}-{cfg.w_min}-{cfg.w_max}-{cfg.seed}.pt"
         if apath.exists():
-            a_noise, a_target, a_caps = _load_state(apath, "the anchor's noise and teacher pictures",
+            a_noise, a_target, a_caps = load_state(apath, "the anchor's noise and teacher pictures",
                                                     "delete it: it is made again (minutes)")
         else:
             log(f"the teacher draws {cfg.anchor_pairs} pictures for the one-step anchor")
@@ -429,11 +405,11 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
             a_caps = [caption(s, rnga) for s in make_dataset(cfg.anchor_pairs, seed=cfg.seed + 200, shapes=BASE_SHAPES)[1]]
             a_noise = torch.randn(cfg.anchor_pairs, *means.shape[1:], generator=ga)
             with torch.no_grad(): a_target = teacher_endpoints(pipe, a_caps, a_noise, ga, (cfg.w_min, cfg.w_max)).cpu()
-            _save_atomic((a_noise, a_target, a_caps), apath)
+            save_state((a_noise, a_target, a_caps), apath)
     run = dict(asdict(cfg), model=fingerprint)
     ck, start, seconds = work / 'checkpoint.pt', 0, 0.0
     if ck.exists():
-        st = _load_state(ck, 'the distillation checkpoint', f"delete it to start afresh (the cached latents in {work} "
+        st = load_state(ck, 'the distillation checkpoint', f"delete it to start afresh (the cached latents in {work} "
                                                            f"are kept)", map_location=device)
         _check_resumable(st, run, ck, work, cfg.steps)
         for p, v in zip(params, st['lora']): p.data.copy_(v)
@@ -443,25 +419,34 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     pred_type = DDPMScheduler.from_config(sch.config).config.prediction_type
     with torch.no_grad(): uncond = encode_text(tok, te, [''])[0].to(device)
     student.train(); t0 = time.time() - seconds
-    for step in range(start, cfg.steps):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)     # each step's randomness: resumes exactly
-        rng = random.Random(cfg.seed * 1_000_003 + step)
-        i = torch.randint(0, len(means), (cfg.batch_size,), generator=g)
-        lat = ((means[i] + stds[i] * torch.randn(means[i].shape, generator=g)) * sf).to(device)
-        with torch.no_grad(): cond = encode_text(tok, te, [caption(scenes[j], rng) for j in i.tolist()])[0].to(device)
+
+    def step(i):
+        "Distillation step `i`: its batch, the consistency loss (and the anchor's), one clipped AdamW step."
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)     # each step's randomness: resumes exactly
+        rng = random.Random(cfg.seed * 1_000_003 + i)
+        idx = torch.randint(0, len(means), (cfg.batch_size,), generator=g)
+        lat = ((means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * sf).to(device)
+        with torch.no_grad(): cond = encode_text(tok, te, [caption(scenes[j], rng) for j in idx.tolist()])[0].to(device)
         loss = lcm_loss(student, teacher, ac, lat, cond, uncond, g, (cfg.w_min, cfg.w_max), cfg.num_ddim_timesteps,
                         cfg.loss_type, cfg.huber_c, pred_type)
-        if cfg.anchor and step >= cfg.anchor_start:
+        if cfg.anchor and i >= cfg.anchor_start:
             j = torch.randint(0, len(a_noise), (cfg.batch_size,), generator=g)
             with torch.no_grad(): a_cond = encode_text(tok, te, [a_caps[k] for k in j.tolist()])[0].to(device)
             loss = loss + cfg.anchor * anchor_loss(student, ac, a_noise[j].to(device), a_target[j].to(device), a_cond,
                                                    cfg.loss_type, cfg.huber_c, pred_type)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step(); lr_sched.step()
-        if step % 20 == 0 or step + 1 == cfg.steps: log(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            _save_atomic(dict(lora=[p.detach().cpu() for p in params], opt=opt.state_dict(), sched=lr_sched.state_dict(),
-                              step=step + 1, seconds=time.time() - t0, run=run), ck)
+        return loss.item()
+
+    def said(done, loss):
+        if (done - 1) % 20 == 0 or done == cfg.steps: log(f"step {done - 1} loss {loss:.4f} {time.time() - t0:.0f}s")
+
+    def checkpoint(done):
+        save_state(dict(lora=[p.detach().cpu() for p in params], opt=opt.state_dict(), sched=lr_sched.state_dict(),
+                        step=done, seconds=time.time() - t0, run=run), ck)
+
+    train_loop(step, start, cfg.steps, every=cfg.ckpt_every, checkpoint=checkpoint, log=said,
+               advice=f"lower the learning rate (lr={cfg.lr})")
     seconds = time.time() - t0 if start < cfg.steps else seconds
     info = dict(run, train_seconds=round(seconds, 1), device=str(device), torch_threads=torch.get_num_threads())
     save_lcm_lora(student.to('cpu'), out, info)

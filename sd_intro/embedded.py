@@ -15,14 +15,16 @@ from dataclasses import asdict
 from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE, ATTRIBUTES, make_dataset,
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
                              POSITION_WORDS, layout_spread, ANY_TURN, with_article)
-from .core import atomic_dir, save_pipeline, check_device
+from .core import atomic_dir, atomic_file, save_pipeline, check_device
+from .training import EMA, train_loop, save_state, load_state
+_all_ = ['EMA']   # the training loop's (diffusers' EMAModel); still importable from here
 
 # %% auto #0
 __all__ = ['EXTRA_WORDS', 'WORLD_WORDS', 'MAX_TOKENS', 'VAE_WORLD', 'NOISY_ATTRIBUTES', 'EVAL_PROMPTS', 'UNET_STEPS', 'N_IMAGES',
            'CAPTION_NOISE', 'build_tokenizer', 'build_components', 'encode_text', 'train_text_encoder', 'train_vae',
-           'cache_latents', 'cached_latents', 'noisy_scene', 'diffusion_loss', 'EMA', 'quick_eval', 'assemble',
-           'train_unet', 'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect',
-           'size_position_prompts', 'size_position_quality', 'seed_diversity', 'speed_report', 'make_embedded', 'main']
+           'cache_latents', 'cached_latents', 'noisy_scene', 'diffusion_loss', 'quick_eval', 'assemble', 'train_unet',
+           'quality_prompts', 'judged_quality', 'guidance_curve', 'negative_prompt_effect', 'size_position_prompts',
+           'size_position_quality', 'seed_diversity', 'speed_report', 'make_embedded', 'main', 'EMA']
 
 # %% ../nbs/00g_lib_embedded.ipynb #112f6dbc
 EXTRA_WORDS = """the of and with in at by for to from is it this that picture photo photograph painting drawing image
@@ -102,13 +104,16 @@ def train_text_encoder(tokenizer, text_encoder, steps=1500, bs=256, seed=0, log=
     opt = torch.optim.AdamW(params, 1e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
     text_encoder.train()
-    for step in range(steps):
+    def step(i):
         caps = _caption_batch(rng, bs)
         _, pooled = encode_text(tokenizer, text_encoder, caps)
         tgt = _attribute_targets(caps)
         loss = sum(F.cross_entropy(heads[k](pooled), tgt[k]) for k in ATTRIBUTES)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-        if log and step % 250 == 0: log(f"text step {step} loss {loss.item():.4f}")
+        return loss.item()
+    def said(done, loss):
+        if log and (done - 1) % 250 == 0: log(f"text step {done - 1} loss {loss:.4f}")
+    train_loop(step, 0, steps, log=said)
     text_encoder.eval().requires_grad_(False)
     with torch.no_grad():
         caps = _caption_batch(random.Random(seed + 1), 1000)
@@ -136,7 +141,7 @@ def train_vae(vae, steps=3000, bs=32, crop=32, lr=2e-3, seed=0, log=print):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     test = to_tensor(make_dataset(64, seed=seed + 3, shapes=SHAPES)[0])
     vae.train()
-    for step in range(steps):
+    def step(i):
         x = to_tensor(np.stack([render(random_scene(rng, shapes=SHAPES, style_weights=(1, 1, 1), **VAE_WORLD))
                                  for _ in range(bs)]))
         x = _random_crops(x, crop, g)  # convolutions see the same edges in a quarter of the compute
@@ -145,9 +150,12 @@ def train_vae(vae, steps=3000, bs=32, crop=32, lr=2e-3, seed=0, log=print):
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0); opt.step(); sched.step()
-        if log and (step % 250 == 0 or step == steps - 1):
+        return loss.item()
+    def said(done, loss):
+        if log and ((done - 1) % 250 == 0 or done == steps):
             with torch.no_grad(): err = F.l1_loss(vae.decode(vae.encode(test).latent_dist.mean).sample, test).item() * 127.5
-            log(f"vae step {step} loss {loss.item():.4f} full-image error {err:.1f}/255")
+            log(f"vae step {done - 1} loss {loss:.4f} full-image error {err:.1f}/255")
+    train_loop(step, 0, steps, log=said)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         imgs, _, _ = make_dataset(512, seed=seed + 7, shapes=SHAPES)
@@ -182,8 +190,8 @@ def cached_latents(vae, n, seed, path):
     # contiguous, as they read back: the VAE hands out channels-last tensors, on which convolutions round differently,
     # so a run that made the cache and one that read it would not agree to the bit
     means, stds = means.contiguous(), stds.contiguous()
-    _atomic_save(lambda p: p.write_text(json.dumps([asdict(s) for s in scenes])), scenes_path)
-    _atomic_save(lambda p: save_file(dict(means=means, stds=stds), str(p)), path)
+    with atomic_file(scenes_path) as tmp: tmp.write_text(json.dumps([asdict(s) for s in scenes]))
+    with atomic_file(path) as tmp: save_file(dict(means=means, stds=stds), str(tmp))
     return means, stds, scenes
 
 # %% ../nbs/00g_lib_embedded.ipynb #e98ddd87
@@ -214,16 +222,6 @@ def diffusion_loss(unet, scheduler, latents, cond, g=None, snr_gamma=5.0):
     w = torch.clamp(snr, max=snr_gamma) / snr
     return (w * F.mse_loss(pred, noise, reduction='none').mean((1, 2, 3))).mean()
 
-# %% ../nbs/00g_lib_embedded.ipynb #9d6389f9
-class EMA:
-    "Exponential moving average of a model's parameters."
-    def __init__(self, model, decay=0.999):
-        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
-    @torch.no_grad()
-    def update(self, model, step):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for e, p in zip(self.model.parameters(), model.parameters()): e.lerp_(p, 1 - d)
-
 # %% ../nbs/00g_lib_embedded.ipynb #d3f5b924
 EVAL_PROMPTS = [f"a {c} {s} on a {b} background".replace('a orange', 'an orange')
                 for i, (c, s, b) in enumerate((c, s, b) for c in COLOURS for s in BASE_SHAPES for b in COLOURS if b != c)
@@ -237,11 +235,6 @@ def quick_eval(pipe, n=32, steps=20, guidance=7.5, seed=0):
     return adherence(imgs, prompts)
 
 # %% ../nbs/00g_lib_embedded.ipynb #eb95a72b
-def _atomic_save(obj_fn, path):
-    "Write with `obj_fn(tmp)` then rename over `path`, so a crash never leaves a half-written file."
-    path = Path(path); tmp = path.with_name(path.name + '.tmp')
-    obj_fn(tmp); os.replace(tmp, path)
-
 def assemble(parts, unet=None):
     "A `StableDiffusionPipeline` from the components (the safety checker has nothing to check here)."
     from diffusers import StableDiffusionPipeline
@@ -254,15 +247,8 @@ UNET_STEPS, N_IMAGES = 12000, 40000  # the shipped run's UNet stage
 
 def _load_unet_checkpoint(ck: Path, steps: int) -> dict:
     "The UNet stage's checkpoint, loaded without unpickling code (tensors, numbers and lists only); a damaged, foreign or edited one is named, with the fix."
-    import pickle
     fix = f"delete it to train the UNet stage from its start (the stages before it and the latents cache are kept)"
-    try: st = torch.load(ck, weights_only=True, map_location='cpu')
-    except pickle.UnpicklingError as e:
-        if 'weights_only' in str(e) or 'Weights only' in str(e): raise ValueError(
-            f"{ck} holds pickled objects other than tensors and numbers; sd_intro does not load those (they could run "
-            f"any code), and this code never wrote them: {fix}") from None
-        raise ValueError(f"{ck} is damaged or cut short (UnpicklingError): {fix}") from None
-    except Exception as e: raise ValueError(f"{ck} is damaged or cut short ({type(e).__name__}): {fix}") from None
+    st = load_state(ck, '', fix, map_location='cpu')
     need = {'unet', 'ema', 'opt', 'step', 'torch_rng'}
     if not isinstance(st, dict) or not need <= set(st): raise ValueError(f"{ck} is not a UNet checkpoint of this code: {fix}")
     seen = {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
@@ -297,26 +283,35 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
         else: rng, g = random.Random(seed + start), torch.Generator().manual_seed(seed + start)   # an older checkpoint
         log(f"resumed at step {start}")
     unet.train(); t0 = time.time()
-    for step in range(start, steps):
-        for pg in opt.param_groups: pg['lr'] = lr * lr_fn(step)
+
+    def step(i):
+        "UNet step `i`: the learning rate of the step, a batch of cached latents and captions, one clipped AdamW step, the EMA."
+        for pg in opt.param_groups: pg['lr'] = lr * lr_fn(i)
         idx = torch.randint(0, len(means), (bs,), generator=g)
         lat = ((means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * sf).to(device)
-        caps = [caption(noisy_scene(scenes[i], rng, caption_noise) if caption_noise else scenes[i], rng)
-                for i in idx.tolist()]
+        caps = [caption(noisy_scene(scenes[j], rng, caption_noise) if caption_noise else scenes[j], rng) for j in idx.tolist()]
         with torch.no_grad(): cond, _ = encode_text(tok, te, caps)
         loss = diffusion_loss(unet, train_sched, lat, cond, g)
         opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0); opt.step()
-        ema.update(unet, step)
-        if log and step % log_every == 0: log(f"unet step {step} loss {loss.item():.4f} lr {lr * lr_fn(step):.2e} {time.time() - t0:.0f}s")
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            v, state, gauss = rng.getstate()
-            st = dict(unet=unet.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=step + 1,
-                      torch_rng=torch.get_rng_state(), g=g.get_state(), rng=[v, list(state), gauss])
-            _atomic_save(lambda p: torch.save(st, p), ck)
-            if log: log(f"unet checkpoint at step {step + 1}")
-        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        ema.update(unet, i)
+        return loss.item()
+
+    def said(done, loss):
+        if log and (done - 1) % log_every == 0:
+            log(f"unet step {done - 1} loss {loss:.4f} lr {lr * lr_fn(done - 1):.2e} {time.time() - t0:.0f}s")
+
+    def checkpoint(done):
+        v, state, gauss = rng.getstate()
+        save_state(dict(unet=unet.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=done,
+                        torch_rng=torch.get_rng_state(), g=g.get_state(), rng=[v, list(state), gauss]), ck)
+        if log: log(f"unet checkpoint at step {done}")
+
+    def evaluate(done, loss):
+        if eval_every and (done % eval_every == 0 or done == steps):
             pipe = assemble(parts, ema.model); pipe.set_progress_bar_config(disable=True)
-            log(f"eval step {step + 1}: {quick_eval(pipe)}")
+            log(f"eval step {done}: {quick_eval(pipe)}")
+
+    train_loop(step, start, steps, every=ckpt_every, checkpoint=checkpoint, log=said, after=evaluate)
     for k in ('text_encoder', 'vae'): parts[k].to('cpu')
     return ema.model.eval().to('cpu')
 
@@ -473,9 +468,10 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     jpath = work / 'judge.safetensors'
     if not jpath.exists():
         net = train_judge(judge_steps, seed=seed, vae=parts['vae'], log=log)
-        _atomic_save(lambda p: save_file(net.state_dict(), str(p)), jpath)
+        with atomic_file(jpath) as tmp: save_file(net.state_dict(), str(tmp))
     if judge_out:   # whole or not at all: a kill while copying leaves the old judge in place
-        Path(judge_out).parent.mkdir(parents=True, exist_ok=True); _atomic_save(lambda p: shutil.copy(jpath, p), judge_out)
+        Path(judge_out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(judge_out) as tmp: shutil.copy(jpath, tmp)
     from sd_intro import shapes
     shapes.forget_judges(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
     shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge

@@ -4,112 +4,32 @@
 
 # %% ../nbs/05_finetuning.ipynb #e4686c46
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, inspect, io, json, os, random, re, shutil, socket, sys, time, warnings
+import argparse, contextlib, copy, dataclasses, hashlib, inspect, json, os, random, re, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict
 from functools import lru_cache
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file, load_file
 from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL,
                    Extra, add_extra, lora_record, is_real, is_whole)
 from .embedded import diffusion_loss, EVAL_PROMPTS
+from .training import (IMAGE_EXTENSIONS, rgb_image, check_imagefolder, model_fingerprint, checkpoint_dir, checkpoints,
+                               latest_checkpoint, save_checkpoint, load_checkpoint, resumable, clear_temporaries, run_lock,
+                               changed_settings, refuse_resume, save_lora, train_loop)
+_all_ = ['IMAGE_EXTENSIONS', 'check_imagefolder', 'model_fingerprint', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint',
+         'save_checkpoint', 'load_checkpoint', 'run_lock']   # moved to sd_intro.training; still importable from here
 from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE, SIZE_CUTS, random_scene, render, caption, to_pil
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'CREATURE_SCENE', 'UNSEEN_PAIRS',
-           'LORA_TARGETS', 'METHODS', 'RUN_FIELDS', 'CREATURE_LORA', 'POKEMON_PROMPTS', 'RECIPES', 'check_imagefolder',
-           'CaptionedImages', 'load_captioned', 'write_shapes_folder', 'prepare_image', 'batch_indices',
-           'training_batch', 'trainable_unet', 'FinetuneConfig', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint',
-           'save_checkpoint', 'load_checkpoint', 'render_validation', 'validation_grid', 'FinetuneResult',
-           'save_finetuned', 'vae_latents', 'run_lock', 'finetune', 'creature_prompts', 'concept_scores', 'size_ranges',
-           'vae_round_trip', 'ears_kept', 'model_fingerprint', 'main']
-
-# %% ../nbs/05_finetuning.ipynb #a9b4306c
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
-
-def _as_pil(value, where, column: str) -> Image.Image:
-    "`value` from an image column as an RGB PIL image; errors name `where` it came from (a string, or a function making one)."
-    if callable(where):
-        try: return _as_pil(value, '\x00where\x00', column)
-        except ValueError as e: raise ValueError(str(e).replace('\x00where\x00', where(), 1)) from e.__cause__
-    try:
-        if isinstance(value, Image.Image): img = value
-        elif isinstance(value, dict) and (value.get('bytes') or value.get('path')):
-            img = Image.open(io.BytesIO(value['bytes'])) if value.get('bytes') else Image.open(value['path'])
-        elif isinstance(value, (str, os.PathLike)):
-            if not Path(value).is_file():
-                raise ValueError(f"{where}: column {column!r} holds {str(value)[:40]!r}, which is neither an image nor an "
-                                 f"image file; is {column!r} really the image column? (pass image_column=...)")
-            img = Image.open(value)
-        elif isinstance(value, np.ndarray): img = Image.fromarray(value)
-        else: raise ValueError(f"{where}: column {column!r} holds a {type(value).__name__}, not an image; is {column!r} "
-                               f"really the image column? (pass image_column=...)")
-        img.load()
-    except ValueError: raise
-    except Exception as e: raise ValueError(f"{where}: not a readable image ({type(e).__name__}: {e})") from e
-    return img.convert('RGB')
-
-# %% ../nbs/05_finetuning.ipynb #2ec366c4
-def check_imagefolder(folder: str | os.PathLike, # a folder of images with a metadata.jsonl
-                      caption_column: str = 'text', # the caption field of metadata.jsonl
-                      check_images: bool = True     # open every image (slower on big sets, but fails early)
-                     ) -> dict[str, str]:
-    "The captions of an imagefolder by file name, after checking it; errors name the file (and line) at fault."
-    folder = Path(folder)
-    if not folder.is_dir(): raise FileNotFoundError(f"data={str(folder)!r}: no such folder")
-    hidden = lambda p: any(part.startswith(('.', '__')) for part in p.relative_to(folder).parts)   # macOS ._x.png, __MACOSX/
-    images = sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not hidden(p))
-    if not images:
-        raise ValueError(f"{folder}: the folder is empty (no {'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} images in it); "
-                         f"put the training pictures there, with a metadata.jsonl of their captions")
-    meta = folder / 'metadata.jsonl'
-    example = json.dumps({'file_name': images[0].relative_to(folder).as_posix(), caption_column: 'what the picture shows'})
-    if not meta.is_file(): raise ValueError(f"{folder}: no metadata.jsonl, so no captions. Write one line per image, like {example}")
-    rows, fields = {}, set()
-    for n, raw in enumerate(meta.read_bytes().splitlines(), 1):
-        try: line = raw.decode('utf-8')
-        except UnicodeDecodeError as e: raise ValueError(
-            f"{meta} line {n}: not UTF-8 text (byte {e.start + 1} of the line); save metadata.jsonl as UTF-8 (editors "
-            f"offer it under 'Save as' or 'Encoding')") from None
-        if not line.strip(): continue
-        try: rec = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{meta} line {n}: not valid JSON ({e.msg}); each line is like {example}") from None
-        if not isinstance(rec, dict) or 'file_name' not in rec:
-            raise ValueError(f"{meta} line {n}: no 'file_name' field; each line is like {example}")
-        name = rec['file_name']
-        if not isinstance(name, str) or not name.strip(): raise ValueError(f"{meta} line {n}: file_name {name!r} is not a file name")
-        if Path(name).is_absolute() or PureWindowsPath(name).is_absolute() or name.startswith(('/', '\\')): raise ValueError(
-            f"{meta} line {n}: file_name {name!r} is an absolute path; write it relative to the folder, like {Path(name).name!r}")
-        key = PurePosixPath(os.path.normpath(name).replace(os.sep, '/')).as_posix()
-        if key == '..' or key.startswith('../'): raise ValueError(
-            f"{meta} line {n}: file_name {name!r} points outside {folder}; the pictures must be inside the folder")
-        if key in rows: raise ValueError(
-            f"{meta} lines {rows[key][0]} and {n} both caption {name!r}: the picture would be trained once per line. Keep one "
-            f"line per picture (copy the picture to give it a second caption)")
-        fields |= set(rec)
-        rows[key] = (n, rec)
-    if caption_column not in fields:
-        raise ValueError(f"caption_column={caption_column!r} is not a field of {meta}: its fields are {sorted(fields)}; "
-                         f"pass caption_column=<the caption field>")
-    caps = {}
-    for name, (n, rec) in rows.items():
-        if not (folder / name).is_file(): raise FileNotFoundError(f"{folder / name}: listed on line {n} of metadata.jsonl, but there is no such file")
-        cap = rec.get(caption_column)
-        if cap is None: raise ValueError(f"{name}: no caption (line {n} of metadata.jsonl has no {caption_column!r} field)")
-        if not isinstance(cap, str): raise ValueError(
-            f"{name}: the caption on line {n} of metadata.jsonl is a {type(cap).__name__} ({str(cap)[:40]}), not text; write "
-            f"it in quotes, like \"{caption_column}\": \"what the picture shows\"")
-        if not cap.strip():
-            raise ValueError(f"{name}: blank caption (line {n} of metadata.jsonl); write what the picture shows, or remove the picture")
-        caps[Path(name).as_posix()] = cap
-    for p in images:
-        rel = p.relative_to(folder).as_posix()
-        if rel not in caps: raise ValueError(f"{rel}: no caption (the image is not listed in metadata.jsonl); add a line {{\"file_name\": \"{rel}\", \"{caption_column}\": ...}}")
-        if check_images: _as_pil(p, rel, 'image')
-    return caps
+__all__ = ['DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'CREATURE_SCENE', 'UNSEEN_PAIRS', 'LORA_TARGETS', 'METHODS',
+           'RUN_FIELDS', 'CREATURE_LORA', 'POKEMON_PROMPTS', 'RECIPES', 'CaptionedImages', 'load_captioned',
+           'write_shapes_folder', 'prepare_image', 'batch_indices', 'training_batch', 'trainable_unet',
+           'FinetuneConfig', 'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'vae_latents',
+           'finetune', 'creature_prompts', 'concept_scores', 'size_ranges', 'vae_round_trip', 'ears_kept', 'main',
+           'IMAGE_EXTENSIONS', 'check_imagefolder', 'model_fingerprint', 'checkpoint_dir', 'checkpoints',
+           'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'run_lock']
 
 # %% ../nbs/05_finetuning.ipynb #e20ad0b1
 class CaptionedImages:
@@ -131,7 +51,7 @@ class CaptionedImages:
         "Row `i`'s picture, as an RGB PIL image."
         try: value = self.ds[i][self.image_column]
         except Exception as e: raise ValueError(f"{self.where(i)}: not a readable image ({type(e).__name__}: {e})") from e
-        return _as_pil(value, lambda: self.where(i), self.image_column)
+        return rgb_image(value, lambda: self.where(i), self.image_column)
     def __getitem__(self, i: int): return self.image(i), self.captions[i]
     def show(self, n: int = 8, scale: int = 1) -> Image.Image:
         "The first `n` pictures as a grid (captions are in `.captions`)."
@@ -168,7 +88,7 @@ def _check_dataset(ds, image_column, caption_column, name, check_images):
         import datasets
         raw = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(ds.features[image_column], datasets.Image) else ds
         for i, v in enumerate(raw[image_column]):
-            _as_pil(v, Path(v['path']).name if isinstance(v, dict) and v.get('path') else f"row {i} of {name}", image_column)
+            rgb_image(v, Path(v['path']).name if isinstance(v, dict) and v.get('path') else f"row {i} of {name}", image_column)
     return data
 
 @contextlib.contextmanager
@@ -426,114 +346,6 @@ RUN_FIELDS = ('method', 'steps', 'batch_size', 'lr', 'lr_scheduler', 'warmup_ste
               'gradient_accumulation', 'ema', 'ema_decay', 'rank', 'lora_alpha', 'resolution', 'center_crop',
               'random_flip', 'caption_dropout', 'snr_gamma', 'seed')
 
-# %% ../nbs/05_finetuning.ipynb #443aa496
-def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
-    "Where the checkpoint of `step` lives in run folder `out`."
-    return Path(out) / 'checkpoints' / f"step-{step:06d}"
-
-def checkpoints(out: str | os.PathLike) -> list[Path]:
-    "The checkpoints in run folder `out` that were written to the end (they have a state.json), newest first."
-    found = [p for p in (Path(out) / 'checkpoints').glob('step-*') if re.fullmatch(r'step-\d+', p.name) and (p / 'state.json').is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    "The newest complete checkpoint in run folder `out` (one with a state.json), or None."
-    return next(iter(checkpoints(out)), None)
-
-def _fsync(path: Path):
-    "Flush a file (or folder entry) to disk, so that a rename after it cannot overtake it."
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass
-
-# %% ../nbs/05_finetuning.ipynb #a93f0c76
-def _state_digest(state: dict) -> str:
-    "A checksum of a checkpoint's state (everything but the digest itself): an edited state.json no longer matches it."
-    body = json.dumps({k: v for k, v in state.items() if k != 'digest'}, sort_keys=True)
-    return hashlib.sha256(body.encode()).hexdigest()[:16]
-
-def _write_checkpoint(folder: Path, state: dict, trainable: dict, ema: dict | None, opt_state: dict, digest: bool = True):
-    "Write one checkpoint's files into `folder`; state.json, the mark of a complete checkpoint, comes last."
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(trainable, str(folder / 'trainable.safetensors'))
-    if ema is not None: save_file(ema, str(folder / 'ema.safetensors'))
-    torch.save(opt_state, folder / 'optimizer.pt')
-    state = json.loads(json.dumps(state))   # as it will read back (tuples as lists), so that the digest matches then
-    (folder / 'state.json').write_text(json.dumps(dict(state, digest=_state_digest(state)) if digest else state, indent=1))
-    for p in folder.iterdir(): _fsync(p)
-
-def save_checkpoint(out: str | os.PathLike, # the run folder
-                    step: int,              # steps done
-                    state: dict,            # JSON-able: config, losses, ...
-                    trainable: dict,        # name -> tensor of the trained weights
-                    ema: dict | None,       # name -> tensor of the EMA weights, or None
-                    opt_state: dict,        # optimizer, schedule (and scaler) state dicts
-                    keep: int = 2,          # how many recent checkpoints to keep
-                    digest: bool = True     # add a digest of the state (False: the caller's state carries its own)
-                   ) -> Path:
-    "Write a checkpoint atomically (a temporary folder renamed into place), then drop all but the `keep` newest."
-    final = checkpoint_dir(out, step)
-    with atomic_dir(final) as tmp:  # replaces the same step written again by a resumed run
-        _write_checkpoint(tmp, dict(state, step=step), trainable, ema, opt_state, digest)
-    _fsync(final.parent)
-    done = sorted((p for p in final.parent.glob('step-*') if (p / 'state.json').is_file()), key=lambda p: int(p.name[5:]))
-    for old in done[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
-                    digest: bool = True        # check the state's digest (False: the caller checks its own)
-                   ) -> tuple[dict, dict, dict | None, dict]:
-    "The state, trained weights, EMA weights (or None) and optimizer state of a checkpoint folder; a damaged file is named."
-    folder, what = Path(folder), 'state.json'
-    try:
-        state = json.loads((folder / 'state.json').read_text())
-        if not isinstance(state, dict) or 'step' not in state: raise ValueError('no step in it')
-        what = 'ema.safetensors'
-        ema = load_file(str(folder / 'ema.safetensors')) if (folder / 'ema.safetensors').exists() else None
-        what = 'trainable.safetensors'
-        weights = load_file(str(folder / 'trainable.safetensors'))
-        what = 'optimizer.pt'
-        opt = torch.load(folder / 'optimizer.pt', weights_only=True)
-    except Exception as e:   # safetensors, JSON and torch each have their own errors for a cut-off file
-        if 'weights_only' in str(e) or 'Weights only' in str(e): raise ValueError(
-            f"checkpoint {folder}: optimizer.pt holds pickled objects other than tensors and numbers; sd_intro does not "
-            f"load those (they could run any code) and never wrote them; it cannot be resumed from") from None
-        raise ValueError(f"checkpoint {folder}: {what} is damaged or cut short ({type(e).__name__}); it cannot be "
-                         f"resumed from") from e
-    _check_state(folder, state, opt, digest)
-    return state, weights, ema, opt
-
-def _check_state(folder: Path, state: dict, opt: dict, digest: bool = True):
-    "A clear error for a checkpoint whose state.json was edited, or whose parts disagree on the step."
-    if digest and 'digest' in state and state['digest'] != _state_digest(state): raise ValueError(
-        f"checkpoint {folder}: state.json was changed after the run wrote it (its digest does not match: an edited step, "
-        f"loss or setting); it cannot be resumed from. Restore it, or pass overwrite=True to start afresh")
-    step, losses = state.get('step'), state.get('losses')
-    seen = {int(v['step']) for v in (opt.get('optimizer') or {}).get('state', {}).values() if 'step' in v}
-    sched = (opt.get('lr_scheduler') or {}).get('last_epoch')
-    problems = []
-    if not is_whole(step) or step < 1: problems.append(f"step {step!r} is not a whole number of at least 1")
-    elif folder.name != f"step-{step:06d}": problems.append(f"its folder is {folder.name}")
-    if not isinstance(losses, list) or len(losses) != step: problems.append(f"it lists {len(losses) if isinstance(losses, list) else 'no'} losses")
-    if seen and seen != {step}: problems.append(f"its optimizer has taken {sorted(seen)} steps")
-    if sched is not None and sched != step: problems.append(f"its learning-rate schedule is at step {sched}")
-    if problems: raise ValueError(f"checkpoint {folder}: state.json says step {step!r}, but {'; '.join(problems)}: it was "
-                                  f"edited or mixed from two runs; it cannot be resumed from. Restore it, or pass "
-                                  f"overwrite=True to start afresh")
-
-def _load_resumable(out: Path):
-    "(folder, contents) of the newest checkpoint that loads, warning about each newer damaged one; None if there are none."
-    found, bad = checkpoints(out), []
-    for ck in found:
-        try: contents = load_checkpoint(ck)
-        except ValueError as e: bad.append(str(e)); continue
-        if bad: warnings.warn(f"{'; '.join(bad)}. Resuming from the previous complete one, {ck.name}, instead")
-        return ck, contents
-    if bad: raise ValueError(f"{'; '.join(bad)}. No checkpoint in {out} can be resumed: pass overwrite=True to start afresh")
-    return None
-
 # %% ../nbs/05_finetuning.ipynb #95429404
 def render_validation(pipe,                      # the pipeline being trained
                       prompts: Sequence[str],    # fixed prompts
@@ -654,12 +466,11 @@ def _same_run(saved: dict, cfg: FinetuneConfig, world: int, model: str, data: di
     "Refuse to resume a checkpoint made with other data or settings (its losses would not continue the run's), naming each change; with `resume_changed=True`, warn instead."
     now = dict(asdict(cfg), world=world, model=model, data=data, precision=precision)
     keys = RUN_FIELDS + ('world', 'model') + tuple(k for k in ('data', 'precision', 'image_column', 'caption_column') if k in saved)
-    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
-    if not diff: return
-    msg = f"the checkpoint was made with other data or settings {{name: (then, now)}}: {diff}"
-    if cfg.resume_changed: warnings.warn(f"resume_changed=True: resuming although {msg}")
-    else: raise ValueError(f"cannot resume: {msg}; use the same data and settings, pass resume_changed=True to continue "
-                           f"anyway, or overwrite=True to start afresh")
+    diff = changed_settings(saved, now, keys)
+    if diff and cfg.resume_changed: warnings.warn(f"resume_changed=True: resuming although the checkpoint was made with "
+                                                  f"other data or settings {{name: (then, now)}}: {diff}")
+    else: refuse_resume('', diff, "use the same data and settings, pass resume_changed=True to continue anyway, or "
+                                  "overwrite=True to start afresh")
 
 # %% ../nbs/05_finetuning.ipynb #8c6955f1
 def save_finetuned(pipe,                 # the fine-tuned pipeline
@@ -667,72 +478,14 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
                    method: str           # 'full' or 'lora'
                   ) -> Path:
     "Save `out/pipeline` (full: a whole pipeline) or `out/lora` (LoRA weights), atomically."
-    from diffusers import StableDiffusionPipeline
     dest = Path(out) / ('pipeline' if method == 'full' else 'lora')
     if method == 'full': return save_pipeline(pipe, dest)   # a whole pipeline, loadable by every allowed version
-    from peft.utils import get_peft_model_state_dict
-    from diffusers.utils import convert_state_dict_to_diffusers
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    meta = {}  # the adapter's rank and alpha travel with the weights (diffusers >= 0.34 reads them back)
-    if 'unet_lora_adapter_metadata' in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        meta['unet_lora_adapter_metadata'] = pipe.unet.peft_config['default'].to_dict()
-    with atomic_dir(dest, keep_others=True) as tmp:   # files of the user's there stay
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, safe_serialization=True, **meta)
-    return dest
+    return save_lora(pipe.unet, dest)   # the training loop's LoRA saver (files of the user's there stay)
 
 # %% ../nbs/05_finetuning.ipynb #5a9131c9
 def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
     "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
     return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
-
-# %% ../nbs/05_finetuning.ipynb #ad55888c
-def _pid_alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except (PermissionError, OSError): return True   # someone else's process, or a system that cannot tell: assume alive
-    return True
-
-@contextlib.contextmanager
-def run_lock(out: str | os.PathLike, # the run folder (created if needed)
-             hold: bool = True       # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
-            ):
-    "Hold run folder `out` while a run writes in it: a second run is refused; a lock left by a crashed run (its process gone) is taken over."
-    out = Path(out)
-    if not hold: yield; return
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock, me = out / '.sd_intro.lock', dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))
-    tmp = out / f".sd_intro.lock.{os.getpid()}.{time.monotonic_ns()}"
-    tmp.write_text(json.dumps(me))
-    try:
-        for _ in range(3):
-            try: os.link(tmp, lock); break   # appears whole, or not at all: never half-written
-            except FileExistsError: pass
-            try: other = json.loads(lock.read_text())
-            except FileNotFoundError: continue
-            except (OSError, ValueError): other = {}
-            pid, host = other.get('pid'), other.get('host')
-            if host == me['host'] and is_whole(pid) and pid != me['pid'] and not _pid_alive(pid):
-                stale = lock.with_name(f".sd_intro.lock.stale.{os.getpid()}")
-                try: os.replace(lock, stale)   # one process wins the take-over
-                except FileNotFoundError: continue
-                stale.unlink(missing_ok=True)
-                warnings.warn(f"{out}: taking over the lock of a run that ended without releasing it (process {pid}, "
-                              f"started {other.get('since')}); its checkpoints are kept")
-                continue
-            who = f"process {pid} on {host}, started {other.get('since')}" if pid else "an unknown process"
-            raise RuntimeError(f"{out} is in use by another fine-tuning run ({who}): wait for it to finish, or choose "
-                               f"another out folder. If no run is going (e.g. it was on another machine that crashed), "
-                               f"delete {lock}")
-        else: raise RuntimeError(f"{out}: could not take the run lock {lock}; try again")
-    finally: tmp.unlink(missing_ok=True)
-    try: yield
-    finally:
-        try:
-            if json.loads(lock.read_text()).get('pid') == me['pid']: lock.unlink()
-        except (OSError, ValueError): pass
-        if made:
-            with contextlib.suppress(OSError): out.rmdir()   # a run refused before writing anything leaves no folder
 
 # %% ../nbs/05_finetuning.ipynb #dc8ce069
 def _check_apart(data, out: Path):
@@ -782,7 +535,6 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
     results = [r for r in ('pipeline', 'lora') if (out / r).is_dir()]
     if results and not cfg.overwrite:
         raise FileExistsError(f"{out} already holds the result of a finished run ({', '.join(results)}/): pass "
@@ -793,7 +545,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     model_name = model if isinstance(model, str) or model is None else (getattr(model, 'sd_intro_model', '') or model.config.get('_name_or_path', ''))
     model_name = resolve_model(model_name or None)
 
-    found = _load_resumable(out) if cfg.resume else None
+    found = resumable(out) if cfg.resume else None
     ckpt, loaded = found or (None, None)
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} holds checkpoints of an earlier run: pass resume=True to continue it, overwrite=True "
@@ -819,8 +571,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
 
     if cfg.overwrite and not cfg.resume and acc.is_main_process: _clear_runs(out)
     acc.wait_for_everyone()
-    if acc.is_main_process and (out / 'checkpoints').exists():
-        for t in (out / 'checkpoints').glob('.tmp-*'): shutil.rmtree(t, ignore_errors=True)  # left by a crash
+    if acc.is_main_process: clear_temporaries(out)   # checkpoint folders a crash left half-written
     if ckpt is not None:
         state, weights, ema_w, opt_state = loaded
         _same_run(state['config'], cfg, world, model_name, data_id, acc.mixed_precision)
@@ -872,14 +623,13 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     stop = cfg.stop_at or cfg.steps
     accum = cfg.gradient_accumulation
     batches = _micro_batches(data, cfg, resolution, start * accum, stop * accum, rank, world)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and acc.is_local_main_process),
-               desc=f"{cfg.method} fine-tune", unit='step')
-    t0 = time.time()
-    for step in range(start, stop):
+
+    def step(i):
+        "Optimiser step `i`: `accum` micro-batches, clipping, the schedule and the EMA; returns the loss averaged over processes."
         total = torch.zeros((), device=device)
         for micro in range(accum):
             pixels, caps = next(batches)
-            g = torch.Generator(device).manual_seed(_seed('noise', cfg.seed, step, micro, rank))
+            g = torch.Generator(device).manual_seed(_seed('noise', cfg.seed, i, micro, rank))
             with torch.no_grad():
                 latents = vae_latents(pipe.vae, pixels.to(device, weight_dtype), g)
                 cond = pipe.encode_prompt(caps, device, 1, False)[0]
@@ -891,17 +641,14 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
         if cfg.max_grad_norm: acc.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step(); lr_sched.step(); optimizer.zero_grad(set_to_none=True)
         if ema is not None: ema.step(params)
-        value = acc.gather(total.reshape(1)).mean().item()
-        if not np.isfinite(value):
-            raise FloatingPointError(f"the loss became {value} at step {step + 1}: lower the learning rate (lr={cfg.lr})"
-                                     + (", or use mixed_precision='bf16' instead of 'fp16'" if acc.mixed_precision == 'fp16'
-                                        else ", or add a warm-up (warmup_steps=) and gradient clipping (max_grad_norm=1)"))
-        losses.append(value)
-        bar.update(1); bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
-        if done < cfg.steps and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == stop):
-            validate(done); checkpoint(done)
-    bar.close()
+        return acc.gather(total.reshape(1)).mean().item()
+
+    advice = (f"lower the learning rate (lr={cfg.lr})" + (", or use mixed_precision='bf16' instead of 'fp16'" if acc.mixed_precision == 'fp16'
+              else ", or add a warm-up (warmup_steps=) and gradient clipping (max_grad_norm=1)"))
+    t0 = time.time()
+    train_loop(step, start, stop, total=cfg.steps, every=cfg.checkpoint_every, final=False,
+               log=lambda done, loss: losses.append(loss), checkpoint=lambda done: (validate(done), checkpoint(done)),
+               progress=cfg.progress and acc.is_local_main_process, desc=f"{cfg.method} fine-tune", advice=advice)
     seconds = time.time() - t0
     saved = None
     pipe.unet = acc.unwrap_model(unet_t, keep_fp32_wrapper=False)
@@ -980,16 +727,6 @@ def ears_kept(vae,                  # the model's VAE
         rate = lambda imgs: float(np.mean([shows_ears(i, s.colour, s.background) for i, s in zip(imgs, scenes)]))
         out[size] = dict(clean=clean, vae=trip, clean_rate=rate(clean), vae_rate=rate(trip))
     return out
-
-# %% ../nbs/05_finetuning.ipynb #70ebd7ca
-def model_fingerprint(model: str | os.PathLike | None = None) -> str:
-    "A short hash of a pipeline folder's UNet weights (default: the embedded model), to tell which model figures belong to."
-    f = Path(resolve_model(model)) / 'unet' / 'diffusion_pytorch_model.safetensors'
-    if not f.is_file(): return 'unknown'
-    h = hashlib.sha256()
-    with open(f, 'rb') as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b''): h.update(chunk)
-    return h.hexdigest()[:12]
 
 # %% ../nbs/05_finetuning.ipynb #118117fc
 POKEMON_PROMPTS = ('Girl with a pearl earring', 'Totoro', 'Hello Kitty', 'a cute dragon creature')

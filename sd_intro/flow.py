@@ -15,8 +15,9 @@ from safetensors.torch import save_file, load_file
 import sd_intro
 from .core import EMBEDDED_MODEL, EMBEDDED_NAME, load_pipeline, generate, generators, atomic_dir, atomic_file, image_grid, Generation
 from .shapes import Scene, caption, adherence
-from .embedded import cache_latents, encode_text, noisy_scene, EMA, EVAL_PROMPTS, CAPTION_NOISE, N_IMAGES
-from .finetune import save_checkpoint, load_checkpoint, checkpoints, run_lock, model_fingerprint
+from .embedded import cache_latents, encode_text, noisy_scene, EVAL_PROMPTS, CAPTION_NOISE, N_IMAGES
+from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, run_lock, model_fingerprint, EMA,
+                               changed_settings, refuse_resume, train_loop)
 
 # %% auto #0
 __all__ = ['FLOW_MODEL', 'FLOW_NAME', 'STEP_COUNTS', 'FLOW_RUN_FIELDS', 'VALIDATION_PROMPTS', 'ddpm_noisy', 'flow_noisy',
@@ -423,23 +424,14 @@ def _load_flow_checkpoint(ck: Path, run: dict):
                          f"different checkpoints): {fix}")
     if state.get('step') != int(ck.name[5:]) or len(state.get('losses', ())) != state['step']:
         raise ValueError(f"checkpoint {ck}: its step ({state.get('step')}) or losses disagree with its name: {fix}")
-    diff = {k: (state['config'].get(k), run.get(k)) for k in FLOW_RUN_FIELDS + ('base',) if state['config'].get(k) != run.get(k)}
-    if diff: raise ValueError(f"cannot resume from {ck}: it was made with other settings {{name: (then, now)}}: {diff}; "
-                              f"pass the same settings, or choose another --out folder for a new run")
+    refuse_resume(f"from {ck}", changed_settings(state['config'], run, FLOW_RUN_FIELDS + ('base',)),
+                  "pass the same settings, or choose another --out folder for a new run")
     return state, weights, ema, opt
 
 def _resumable(out: Path, run: dict):
     "The newest checkpoint of `out` that loads (warning about each newer one that does not), or None."
-    bad = []
-    for ck in checkpoints(out):
-        try: got = _load_flow_checkpoint(ck, run)
-        except ValueError as e:
-            if 'other settings' in str(e): raise
-            bad.append(str(e)); continue
-        if bad: warnings.warn(' '.join(bad) + f" Resuming from {ck.name} instead.")
-        return ck, got
-    if bad: raise ValueError(' '.join(bad) + f" No checkpoint in {out} can be resumed: start a new run in another --out folder")
-    return None
+    return resumable(out, lambda ck: _load_flow_checkpoint(ck, run), "start a new run in another --out folder")
+
 
 # %% ../nbs/09_flow.ipynb #22b9c73f
 def save_flow_model(unet,                 # the trained flow UNet
@@ -538,22 +530,26 @@ def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
 
     if start == 0 and '0' not in evals: validate(0)
     stop, t0 = cfg.stop_at or cfg.steps, time.time()
-    for step in range(start, stop):
-        for pg in opt.param_groups: pg['lr'] = flow_lr(step, cfg)
-        lat, caps, g = _flow_batch(means, stds, scenes, sf, step, cfg)
+
+    def step(i):
+        "Flow step `i`: the step's learning rate, its batch, one clipped AdamW step, the EMA."
+        for pg in opt.param_groups: pg['lr'] = flow_lr(i, cfg)
+        lat, caps, g = _flow_batch(means, stds, scenes, sf, i, cfg)
         with torch.no_grad(): cond, _ = encode_text(tok, te, caps)
         loss = flow_loss(unet, train_sched, lat.to(device), cond, g)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step + 1}: lower the learning rate (lr={cfg.lr})")
+        if not math.isfinite(loss.item()): return loss.item()   # the loop stops with the advice, before the weights change
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0); opt.step()
-        ema.update(unet, step)
-        losses.append(round(loss.item(), 6))
-        done = step + 1
+        ema.update(unet, i)
+        return loss.item()
+
+    def said(done, loss):
+        losses.append(round(loss, 6))
         if done % 50 == 0 or done == stop: log(f"step {done}/{cfg.steps} loss {np.mean(losses[-50:]):.4f} "
-                                                f"lr {flow_lr(step, cfg):.2e} {time.time() - t0:.0f}s")
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            validate(done); checkpoint(done)
+                                               f"lr {flow_lr(done - 1, cfg):.2e} {time.time() - t0:.0f}s")
+
+    train_loop(step, start, stop, total=cfg.steps, every=cfg.checkpoint_every, log=said,
+               checkpoint=lambda done: (validate(done), checkpoint(done)), advice=f"lower the learning rate (lr={cfg.lr})")
     seconds = time.time() - t0
     ema.model.eval()
     pipe = flow_pipeline(base, ema.model, flow_scheduler(cfg.shift))

@@ -11,8 +11,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import (EMBEDDED_MODEL, atomic_dir, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for,
+from .core import (EMBEDDED_MODEL, atomic_dir, atomic_file, generators, hooked_step, prompts_for, quiet_loading, resolve_model, seeds_for,
                    check_device, choose_dtype, loading_error, scheduler_spec, is_whole, is_real)
+from .training import IMAGE_EXTENSIONS, check_imagefolder, train_loop
 from .guidance import denoise, initial_latents
 from .pipelines import predict_x0
 from .shapes import COLOURS, HELD_OUT
@@ -297,7 +298,6 @@ def textual_inversion(parts,                   # `Parts` (changed in place: the 
                      ) -> Inversion:
     "Learn `token` from the captioned pictures in `data` by training its row of the token embedding table only."
     from sd_intro.embedded import diffusion_loss
-    from sd_intro.finetune import check_imagefolder
     for k, v in (('steps', steps), ('batch_size', batch_size)):
         if not is_whole(v) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number of at least 1")
     if not is_real(lr) or lr <= 0: raise ValueError(f"lr={lr!r}: use a learning rate above 0, e.g. 1e-2")
@@ -317,14 +317,14 @@ def textual_inversion(parts,                   # `Parts` (changed in place: the 
     frozen, keep = table.detach().clone(), torch.arange(len(table), device=table.device) != new
     table.requires_grad_(True)
     opt = torch.optim.AdamW([table], lr=lr, weight_decay=0)
-    g, losses, t0 = torch.Generator().manual_seed(seed), [], time.perf_counter()
-    try:
-        for _ in range(steps):
-            i = torch.randint(0, len(rows), (batch_size,), generator=g)
-            loss = diffusion_loss(parts.unet, parts.scheduler, latents[i], te(ids[i])[0], g)
-            opt.zero_grad(); loss.backward(); opt.step()
-            with torch.no_grad(): table[keep] = frozen[keep]   # every other word stays as it was
-            losses.append(loss.item())
+    g, t0 = torch.Generator().manual_seed(seed), time.perf_counter()
+    def step(_):
+        i = torch.randint(0, len(rows), (batch_size,), generator=g)
+        loss = diffusion_loss(parts.unet, parts.scheduler, latents[i], te(ids[i])[0], g)
+        opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): table[keep] = frozen[keep]   # every other word stays as it was
+        return loss.item()
+    try: losses = train_loop(step, 0, steps, advice=f"lower the learning rate (lr={lr})")
     finally: table.requires_grad_(False)
     return Inversion(token, new, table[new].detach().clone(), losses, time.perf_counter() - t0, steps)
 
@@ -337,12 +337,8 @@ def save_learned_embeds(inv: Inversion,          # what `textual_inversion` retu
     path = Path(path).expanduser()
     if path.suffix != '.safetensors': raise ValueError(f"path={str(path)!r}: use a .safetensors name, e.g. learned_embeds.safetensors")
     if not path.parent.is_dir(): raise FileNotFoundError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist; create it first")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         save_file({inv.token: inv.embedding[None].float().cpu().contiguous()}, str(tmp), metadata={'format': 'pt'})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
     return path
 
 # %% ../nbs/06_inside.ipynb #b497e76f
@@ -367,10 +363,12 @@ def fit_conditioning(parts,            # `Parts` (or a pipeline): its UNet stays
     frozen = [p.requires_grad for p in parts.unet.parameters()]
     parts.unet.requires_grad_(False)
     try:
-        for _ in range(steps):
+        def step(_):
             i = torch.randint(0, len(latents), (batch_size,), generator=g)
             loss = diffusion_loss(parts.unet, parts.scheduler, latents[i], cond.expand(batch_size, -1, -1), g)
             opt.zero_grad(); loss.backward(); opt.step()
+            return loss.item()
+        train_loop(step, 0, steps, advice=f"lower the learning rate (lr={lr})")
     finally:
         for p, r in zip(parts.unet.parameters(), frozen): p.requires_grad_(r)
     return cond.detach()
@@ -380,7 +378,6 @@ def images_only(src: str | os.PathLike, # an imagefolder (pictures and metadata.
                 dst: str | os.PathLike  # the folder to write: absent or empty
                ) -> Path:
     "Copy the pictures of `src` (not its metadata.jsonl) into `dst`: a folder diffusers' textual_inversion.py can read."
-    from sd_intro.finetune import IMAGE_EXTENSIONS
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if not src.is_dir(): raise FileNotFoundError(f"src={str(src)!r}: no such folder")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())): raise FileExistsError(f"dst={str(dst)!r} exists and is not an empty folder; pass a new one")

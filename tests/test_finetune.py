@@ -193,14 +193,15 @@ def test_resume_gives_the_same_losses(data, tmp_path):
 def test_crash_while_saving_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     kw = dict(method='lora', steps=3, checkpoint_every=1, **FAST)
     whole = ft.finetune(data, tmp_path / 'whole', **kw)
-    real, calls = ft.save_file, []
+    import sd_intro.training as training   # (checkpoints are the training loop's)
+    real, calls = training.save_file, []
     def disk_full(tensors, path, *a, **k):
         calls.append(path)
         if len(calls) == 2:  # the second checkpoint: half a file, then the disk is full
             open(path, 'wb').write(b'half a safetensors file')
             raise OSError(28, 'No space left on device')
         return real(tensors, path, *a, **k)
-    monkeypatch.setattr(ft, 'save_file', disk_full)
+    monkeypatch.setattr(training, 'save_file', disk_full)
     with pytest.raises(OSError, match='No space left'): ft.finetune(data, tmp_path / 'crash', **kw)
     monkeypatch.undo()
     ckpts = tmp_path / 'crash' / 'checkpoints'

@@ -101,11 +101,12 @@ KILL_FT = {
             return r
         ft.save_checkpoint = save_checkpoint""",
     'inside checkpoint 2': """
-        orig = ft.save_file
+        import sd_intro.training as training   # (checkpoints are the training loop's)
+        orig = training.save_file
         def save_file(tensors, path, *a, **k):
             orig(tensors, path, *a, **k)
             if 'step-000002' in str(path): kill()
-        ft.save_file = save_file""",
+        training.save_file = save_file""",
     'after validation 3, before the result': """
         ft.save_finetuned = lambda *a, **k: kill()""",
 }
@@ -168,12 +169,12 @@ KILL_DISTILL = {
     'while saving the LoRA': "log = None\nD.save_lcm_lora = lambda *a, **k: kill()",
     'while writing a checkpoint': """
         log = None
-        orig = D._save_atomic
+        orig = D.save_state
         def save(obj, path):
             if path.name == 'checkpoint.pt' and obj['step'] == 2:
                 torch.save(obj, path.with_name(path.name + '.tmp')); kill()
             orig(obj, path)
-        D._save_atomic = save""",
+        D.save_state = save""",
 }
 
 
