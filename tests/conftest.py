@@ -81,7 +81,8 @@ def command_line(capsys):
             with pytest.raises(SystemExit) as e: p.parse_args(['--out', 'x', *argv])
             err = capsys.readouterr().err
             assert e.value.code == 2 and msg in err and err.startswith(f'usage: {prog}'), err
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
+        paths = [str(Path(__file__).resolve().parents[1])] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS='1')
         r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0 and flat(r.stdout) == help, r.stdout[-3000:] + r.stderr[-3000:]
 
