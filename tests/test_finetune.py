@@ -417,7 +417,7 @@ def test_overwrite_removes_only_what_runs_wrote(small_folder, tmp_path):
 def test_data_folder_as_run_folder_is_refused(small_folder, where):
     before = sorted(p.name for p in small_folder.iterdir())
     out = small_folder if where == 'same' else small_folder / 'run'
-    with pytest.raises(ValueError, match='are the same small_folder' if where == 'same' else 'lie one inside the other'):
+    with pytest.raises(ValueError, match='are the same folder' if where == 'same' else 'lie one inside the other'):
         ft.finetune(small_folder, out, method='lora', steps=1, **FAST)
     assert sorted(p.name for p in small_folder.iterdir()) == before
 
