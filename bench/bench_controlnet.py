@@ -93,8 +93,8 @@ def ship(src: Path, load: str):
                   torch_threads=int(os.environ.get('CONTROLNET_THREADS', 1)), load=load,
                   validation_iou=hist['validation_iou'], losses=[round(l, 6) for l in hist['losses']])
     defaults = dict(steps=2000, batch_size=16, lr=1e-3)
-    flags = ' '.join(f"--{k.replace('_', '-')} {settings[k]}" for k in ('steps', 'batch_size', 'lr'))
-    if not settings.get('zero_embedding_out', True): flags += ' --no-zero-embedding-out'
+    flags = ' '.join(f"--{k} {settings[k]}" for k in ('steps', 'batch_size', 'lr'))   # (call_parse's option names)
+    if not settings.get('zero_embedding_out', True): flags += ' --no-zero_embedding_out'
     with atomic_dir(CONTROLNET_MODEL) as tmp:
         cn.save_pretrained(tmp, safe_serialization=True)
         cfg = json.loads((tmp / 'config.json').read_text()); cfg.pop('_name_or_path', None)   # no machine path in the package

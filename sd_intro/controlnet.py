@@ -688,39 +688,51 @@ def iou_by_step(cpipe,                      # a ControlNet pipeline of the run's
     finally: cpipe.controlnet.load_state_dict(keep)
     return res
 
-# %% ../nbs/08_controlnet.ipynb #main
-def _flag_type(f: dataclasses.Field):
-    t = str(f.type)
-    return int if t.startswith('int') else float if t.startswith('float') else str
+# %% ../nbs/08_controlnet.ipynb #run
+#| eval: false
+from fastcore.imports import IN_NOTEBOOK
+if __name__ == '__main__' and not IN_NOTEBOOK:   # `python -m sd_intro.controlnet`: run `main` of the package's module, not of this
+    import importlib, sys                         # `__main__` copy (where fastcore's `call_parse` would run it at its decorator)
+    sys.argv[0] = 'python -m sd_intro.controlnet'
+    sys.exit(importlib.import_module('sd_intro.controlnet').main())
 
-def main(argv: Sequence[str] | None = None) -> ControlNetResult:
-    "Command line: `python -m sd_intro.controlnet --out FOLDER [--resume] [--<setting> VALUE ...]`."
-    p = argparse.ArgumentParser(prog='python -m sd_intro.controlnet', description="Train a ControlNet for the embedded "
-                                "model (or --model) on the shapes world's pictures and their controls. Resumable.")
-    p.add_argument('--out', required=True, help="run folder: checkpoints/, snapshots/, validation/, controlnet/")
-    p.add_argument('--model', help="base model folder (default: the embedded model)")
-    p.add_argument('--threads', type=int, help="torch CPU threads (default: torch's choice)")
-    from fastcore.docments import docments
-    import importlib
-    helps = docments(importlib.import_module('sd_intro.controlnet').ControlNetConfig)
-    for f in dataclasses.fields(ControlNetConfig):
-        flag, h = '--' + f.name.replace('_', '-'), (helps.get(f.name) or '').replace('%', '%%') + f" (default: {f.default})"
-        if isinstance(f.default, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name == 'kinds': p.add_argument(flag, nargs='+', choices=CONTROL_KINDS, default=None, help=h)
-        elif f.name == 'conditioning_channels': p.add_argument(flag, nargs=4, type=int, default=None, help=h)
-        else: p.add_argument(flag, type=_flag_type(f), default=None, metavar=f.name.upper(), help=h)
-    a = vars(p.parse_args(argv))
-    threads = a.pop('threads')
+# %% ../nbs/08_controlnet.ipynb #main
+from fastcore.script import call_parse, Param
+
+@call_parse
+def main(out: Param("run folder: checkpoints/, snapshots/, validation/, controlnet/", str, required=True) = None,
+         model: str = None,              # base model folder (default: the embedded model)
+         threads: int = None,            # torch CPU threads (default: torch's choice)
+         steps: int = 2000,              # optimiser steps of the whole run
+         batch_size: int = 16,           # pictures per step and process
+         lr: float = 1e-3,               # peak learning rate (the small model takes a large one; SD 1.5's ControlNets use 1e-5)
+         warmup_steps: int = 100,        # steps of linear warm-up
+         weight_decay: float = 1e-2,     # AdamW's weight decay
+         max_grad_norm: float = 1.0,     # gradient clipping (0 turns it off)
+         snr_gamma: float = 5.0,         # min-SNR weighting of the loss, as the embedded model was trained (None: plain MSE)
+         kinds: Param("control kinds, drawn equally often", str, nargs='+', choices=CONTROL_KINDS) = CONTROL_KINDS,
+         conditioning_channels: Param("the control encoder's channels (len - 1 halvings: 8x for the embedded model)",
+                                      int, nargs=4) = CONDITIONING_CHANNELS,
+         zero_embedding_out: bool = True, # start the control encoder's last layer at zero too (diffusers'); False: random (the outputs stay zero)
+         seed: int = 0,                  # decides the pictures, controls, captions, noise and timesteps of every step
+         checkpoint_every: int = 100,    # write a checkpoint, a snapshot of the weights and the validation strip every this many steps
+         keep_checkpoints: int = 2,      # how many recent checkpoints to keep (snapshots are all kept: they are small)
+         validation_images: int = 8,     # held-out controls rendered (and their IoU measured) at each checkpoint; 0: none
+         validation_steps: int = 20,     # sampler steps of the validation images
+         resume: bool = False,           # continue from the latest checkpoint in `out`
+         overwrite: bool = False,        # start afresh even though `out` holds an earlier run (only what a run wrote is removed)
+         stop_at: int = None,            # stop (with a checkpoint) after this step, to resume later
+         num_workers: int = 0,           # DataLoader processes drawing the next batches while this one trains (2 on a busy CPU)
+         progress: bool = True,          # show a tqdm progress bar with the loss
+        ):
+    "Train a ControlNet for the embedded model (or --model) on the shapes world's pictures and their controls; resumable."
+    settings = dict(locals())
+    out, model, threads = settings.pop('out'), settings.pop('model'), settings.pop('threads')
+    try: ControlNetConfig.make(**settings)   # every setting checked, and a bad one named, before anything is loaded
+    except (TypeError, ValueError) as e: raise SystemExit(f"error: {e}") from None
     if threads: torch.set_num_threads(threads)
-    out, model = a.pop('out'), a.pop('model')
-    res = train_controlnet(out, model=model, **{k: v for k, v in a.items() if v is not None})
+    res = train_controlnet(out, model=model, **settings)
     if res.main_process:
         if res.saved: print(f"saved {res.saved} after {res.step} steps ({res.seconds:.0f} s); validation IoU by step: "
                             f"{ {k: round(v, 3) for k, v in sorted(res.history.items())} }")
         else: print(f"stopped after step {res.step}; continue with --resume")
-    return res
-
-# %% ../nbs/08_controlnet.ipynb #run
-#| eval: false
-from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m ...` runs it; running this notebook does not

@@ -453,22 +453,45 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     log(f"saved {out} ({seconds:.0f}s of training on {device})")
     return out
 
-# %% ../nbs/07_few_steps.ipynb #6f2f1443
-def main(argv: Sequence[str] | None = None) -> Path:
-    "`python -m sd_intro.distill --out FOLDER [--steps N] [--device cuda] ...`: distil the embedded model (resumable)."
-    p = argparse.ArgumentParser(prog='python -m sd_intro.distill', description=distill.__doc__)
-    p.add_argument('--out', required=True, help='the LoRA folder to write')
-    p.add_argument('--model', default=None, help='base model (default: the embedded one)')
-    p.add_argument('--work', default=None, help='checkpoints and cached latents (default: OUT-work)')
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    p.add_argument('--overwrite', action='store_true')
-    for f in fields(DistillConfig): p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    a = vars(p.parse_args(argv)); threads = a.pop('threads')
-    if threads: torch.set_num_threads(threads)
-    return distill(**a)
-
 # %% ../nbs/07_few_steps.ipynb #404acf64
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m sd_intro.distill` runs it; running this notebook does not
+if __name__ == '__main__' and not IN_NOTEBOOK:   # `python -m sd_intro.distill`: run `main` of the package's module, not of this
+    import importlib, sys                         # `__main__` copy (where fastcore's `call_parse` would run it at its decorator)
+    sys.argv[0] = 'python -m sd_intro.distill'
+    sys.exit(importlib.import_module('sd_intro.distill').main())
+
+# %% ../nbs/07_few_steps.ipynb #6f2f1443
+from fastcore.script import call_parse, Param
+
+@call_parse
+def main(out: Param("the LoRA folder to write (weights + distill.json)", str, required=True) = None,
+         model: str = None,              # base model (default: the embedded one)
+         work: str = None,               # checkpoints and cached latents (default: OUT-work beside OUT)
+         device: str = 'cpu',            # 'cpu' or 'cuda'
+         threads: int = None,            # torch CPU threads (default: torch's choice)
+         overwrite: bool = False,        # replace the LoRA in an existing OUT (other files there are kept)
+         steps: int = 1600,              # optimiser steps
+         batch_size: int = 32,           # latents per step
+         lr: float = 2e-3,               # AdamW learning rate (cosine decay after a 5% warm-up)
+         rank: int = 16,                 # LoRA rank
+         w_min: float = 3.0,             # guidance w baked in, drawn from [w_min, w_max] (CFG scale w + 1)
+         w_max: float = 8.0,             # the top of that range
+         num_ddim_timesteps: int = 20,   # the solver's skipping schedule, k = 1000/20 = 50 (LCMScheduler's original_inference_steps)
+         loss_type: Param("'huber' or 'l2'", str, choices=('huber', 'l2')) = 'huber',
+         huber_c: float = 1e-3,          # the pseudo-Huber loss's c (below it the loss is about squared, above it about absolute)
+         n_images: int = 1024,           # shapes-world pictures encoded once into latents
+         anchor: float = 2.0,            # weight of the one-step anchor (`anchor_loss`); 0: the plain LCM recipe
+         anchor_start: int = 0,          # the step it joins at (0: from the start; later starts measured worse)
+         anchor_pairs: int = 2048,       # noise -> teacher picture pairs made once for it (20 guided DDIM steps each)
+         max_grad_norm: float = 1.0,     # gradient clipping
+         ckpt_every: int = 25,           # steps between checkpoints
+         seed: int = 0,                  # decides the data and every step's batch, noise, timesteps and w
+         init_lora: str = '',            # an LCM-LoRA folder to continue from (its weights start the student); '': a fresh adapter
+        ):
+    "Distil the embedded model (or --model) into a latent consistency model, an LCM-LoRA; resumable from the checkpoints in --work."
+    settings = dict(locals()); threads = settings.pop('threads')
+    try: DistillConfig(**{f.name: settings[f.name] for f in fields(DistillConfig)}).check()   # a bad setting named first
+    except (TypeError, ValueError, FileNotFoundError) as e: raise SystemExit(f"error: {e}") from None
+    if threads: torch.set_num_threads(threads)
+    distill(**settings)

@@ -483,26 +483,31 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     save_pipeline(pipe, out)   # atomically, in the layout every allowed transformers reads
     return pipe
 
-# %% ../nbs/00g_lib_embedded.ipynb #d75d68b4
-def main(argv=None):
-    "Command line: `python -m sd_intro.embedded --out FOLDER`."
-    p = argparse.ArgumentParser(description="Train the sd_intro embedded Stable Diffusion model from scratch.")
-    p.add_argument('--out', default=str(Path(sd_intro.__file__).parent / 'models' / 'shapes-sd'), help="pipeline folder to write")
-    p.add_argument('--work', default=None, help="folder for checkpoints and caches (resumable)")
-    p.add_argument('--judge-out', default=str(Path(sd_intro.__file__).parent / 'assets' / 'judge.safetensors'))
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--unet-steps', type=int, default=UNET_STEPS)
-    p.add_argument('--n-images', type=int, default=N_IMAGES, help="pictures whose latents the UNet trains on")
-    p.add_argument('--caption-noise', type=float, default=CAPTION_NOISE, help="chance that a caption's attribute is wrong")
-    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (for the UNet stage)")
-    p.add_argument('--threads', type=int, default=None)
-    a = p.parse_args(argv)
-    if a.threads: torch.set_num_threads(a.threads)
-    make_embedded(a.out, a.work, seed=a.seed, unet_steps=a.unet_steps, n_images=a.n_images, caption_noise=a.caption_noise,
-                  device=a.device, judge_out=a.judge_out,
-                  log=lambda s: print(time.strftime('%H:%M:%S'), s, flush=True))
-
 # %% ../nbs/00g_lib_embedded.ipynb #f2548d35
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m ...` runs it; running this notebook does not
+if __name__ == '__main__' and not IN_NOTEBOOK:   # `python -m sd_intro.embedded`: run `main` of the package's module, not of this
+    import importlib, sys                         # `__main__` copy (where fastcore's `call_parse` would run it at its decorator)
+    sys.argv[0] = 'python -m sd_intro.embedded'
+    sys.exit(importlib.import_module('sd_intro.embedded').main())
+
+# %% ../nbs/00g_lib_embedded.ipynb #d75d68b4
+from fastcore.script import call_parse
+
+@call_parse
+def main(out: str = None,                # pipeline folder to write (default: the package's own, models/shapes-sd)
+         work: str = None,               # folder for checkpoints and caches, to resume from (default: OUT_work beside OUT)
+         judge_out: str = None,          # where the judge's weights go (default: the package's own, assets/judge.safetensors)
+         seed: int = 0,                  # decides every stage's data, initial weights and batches
+         unet_steps: int = UNET_STEPS,   # optimiser steps of the UNet stage
+         n_images: int = N_IMAGES,       # pictures whose latents the UNet trains on
+         caption_noise: float = CAPTION_NOISE, # chance that a caption's attribute is wrong
+         device: str = 'cpu',            # 'cpu' or 'cuda' (for the UNet stage)
+         threads: int = None,            # torch CPU threads (default: torch's choice)
+        ):
+    "Train the sd_intro embedded Stable Diffusion model from scratch (resumable: run the same command again after a stop)."
+    package = Path(sd_intro.__file__).parent
+    out, judge_out = out or package / 'models' / 'shapes-sd', judge_out or package / 'assets' / 'judge.safetensors'
+    if threads: torch.set_num_threads(threads)
+    make_embedded(out, work, seed=seed, unet_steps=unet_steps, n_images=n_images, caption_noise=caption_noise,
+                  device=device, judge_out=judge_out, log=lambda s: print(time.strftime('%H:%M:%S'), s, flush=True))

@@ -749,42 +749,70 @@ RECIPES = {
                             validation_seeds=(0, 1)),
 }
 
-# %% ../nbs/05_finetuning.ipynb #62847b56
-def _flag_type(f: dataclasses.Field):
-    "The argparse type of a `FinetuneConfig` field."
-    t = str(f.type)
-    return int if t.startswith('int') else float if t.startswith('float') else str
-
-def main(argv: Sequence[str] | None = None) -> FinetuneResult:
-    "Command line: `python -m sd_intro.finetune --data FOLDER_OR_ID --out FOLDER [--recipe NAME] [--<setting> VALUE ...]`."
-    p = argparse.ArgumentParser(prog='python -m sd_intro.finetune', description="Fine-tune a Stable Diffusion UNet (full or LoRA) "
-                                "on captioned pictures. Run it under `accelerate launch` for GPUs and mixed precision.")
-    p.add_argument('--recipe', choices=sorted(RECIPES), help="start from a recipe's settings (the flags below override them)")
-    p.add_argument('--data', help="an imagefolder (pictures + metadata.jsonl) or a Hub dataset id")
-    p.add_argument('--out', required=True, help="run folder: checkpoints/, validation/, pipeline/ or lora/")
-    p.add_argument('--model', help="base model: Hub id or folder (default: the embedded model or $SD_INTRO_MODEL)")
-    from fastcore.docments import docments
-    import importlib  # (docments reads the source of the imported module; under `python -m` this one is __main__)
-    helps = docments(importlib.import_module('sd_intro.finetune').FinetuneConfig)  # the comments beside the fields
-    for f in dataclasses.fields(FinetuneConfig):
-        flag, h = '--' + f.name.replace('_', '-'), (helps.get(f.name) or '').replace('%', '%%') + f" (default: {f.default})"
-        if f.type == 'bool' or isinstance(f.default, bool): p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name == 'validation_prompts': p.add_argument(flag, nargs='+', default=None, help=h)
-        elif f.name == 'validation_seeds': p.add_argument(flag, nargs='+', type=int, default=None, help=h)
-        else: p.add_argument(flag, type=_flag_type(f), default=None, metavar=f.name.upper(), help=h)
-    a = vars(p.parse_args(argv))
-    settings = dict(RECIPES[a['recipe']]) if a['recipe'] else {}
-    settings.update({k: v for k, v in a.items() if v is not None and k != 'recipe'})
-    data, out, model = settings.pop('data', None), settings.pop('out'), settings.pop('model', None)
-    if data is None: p.error("--data is required (or a --recipe that names it)")
-    res = finetune(data, out, model=model, **settings)
-    if not res.main_process: return res
-    grid = Path(out) / 'validation.png'
-    if res.saved: print(f"saved {res.saved} after {res.step} steps ({res.seconds:.0f} s)" + (f"; validation grid: {grid}" if grid.exists() else ''))
-    else: print(f"stopped after step {res.step}; continue with --resume")
-    return res
-
 # %% ../nbs/05_finetuning.ipynb #3fed158d
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()   # `python -m ...` runs it; running this notebook does not
+if __name__ == '__main__' and not IN_NOTEBOOK:   # `python -m sd_intro.finetune`: run `main` of the package's module, not of this
+    import importlib, sys                         # `__main__` copy (where fastcore's `call_parse` would run it at its decorator)
+    sys.argv[0] = 'python -m sd_intro.finetune'
+    sys.exit(importlib.import_module('sd_intro.finetune').main())
+
+# %% ../nbs/05_finetuning.ipynb #62847b56
+from fastcore.script import call_parse, Param
+
+@call_parse
+def main(recipe: Param("start from a recipe's settings (the options you set to other than their defaults override them)",
+                       str, choices=sorted(RECIPES)) = None,
+         data: str = None,               # an imagefolder (pictures + metadata.jsonl) or a Hub dataset id (or the recipe's)
+         out: Param("run folder: checkpoints/, validation/, pipeline/ or lora/", str, required=True) = None,
+         model: str = None,              # base model: Hub id or folder (default: the embedded model or $SD_INTRO_MODEL)
+         method: Param("'lora' (a small adapter; the UNet frozen) or 'full' (every UNet weight)", str, choices=METHODS) = 'lora',
+         steps: int = 1000,              # optimiser steps of the whole run
+         batch_size: int = 8,            # pictures per step and process (x gradient_accumulation x processes = effective batch)
+         lr: float = None,               # peak learning rate (default: 1e-4 for LoRA, 1e-5 for full)
+         lr_scheduler: str = 'constant', # diffusers' schedule name: constant, constant_with_warmup, cosine, linear, ...
+         warmup_steps: int = 0,          # steps of linear warm-up
+         weight_decay: float = 1e-2,     # AdamW's weight decay
+         max_grad_norm: float = 1.0,     # gradient clipping (0 turns it off)
+         gradient_accumulation: int = 1, # micro-batches per optimiser step (a bigger batch in the same memory)
+         gradient_checkpointing: bool = False, # recompute activations in the backward pass (less memory, ~30% slower)
+         mixed_precision: Param("'no', 'fp16' or 'bf16' (GPUs): frozen parts in half precision, autocast for the UNet (default: accelerate's setting)",
+                                str, choices=('no', 'fp16', 'bf16')) = None,
+         ema: bool = False,              # keep an exponential moving average of the trained weights, and save that
+         ema_decay: float = 0.9999,      # EMA's longest memory (it warms up: min(decay, (1+t)/(10+t)))
+         rank: int = 4,                  # LoRA rank
+         lora_alpha: int = None,         # LoRA scale numerator (default: rank)
+         resolution: int = None,         # training size (default: the model's own, 512 for SD v1, 64 for the embedded one)
+         center_crop: bool = True,       # crop at the centre (else at random)
+         random_flip: bool = False,      # flip half the pictures left-right
+         caption_dropout: float = 0.0,   # share of captions replaced by '' (keeps classifier-free guidance working)
+         snr_gamma: float = 5.0,         # min-SNR weighting of the loss, as the embedded model was trained (None: plain MSE)
+         image_column: str = 'image',    # image column of a Dataset
+         caption_column: str = 'text',   # caption column of a Dataset or field of metadata.jsonl
+         check_images: bool = True,      # open every picture before training
+         seed: int = 0,                  # decides data order, crops, flips, noise and timesteps at every step
+         checkpoint_every: int = None,   # write a checkpoint (and render validation images) every this many steps
+         keep_checkpoints: int = 2,      # how many recent checkpoints to keep
+         resume: bool = False,           # continue from the latest checkpoint in `out`
+         overwrite: bool = False,        # start afresh even though `out` holds checkpoints of another run
+         resume_changed: bool = False,   # resume even though the data or settings differ from the checkpoint's (each change named)
+         stop_at: int = None,            # stop (with a checkpoint) after this step, to resume later
+         validation_prompts: Param("prompts rendered before training, at each checkpoint and after", str, nargs='+') = (),
+         validation_seeds: Param("one image per prompt and seed", int, nargs='+') = (0,),
+         validation_steps: int = 20,     # sampler steps of the validation images
+         guidance_scale: float = 7.5,    # guidance of the validation images
+         num_workers: int = 0,           # DataLoader worker processes preparing batches (GPU runs: 4 to 8)
+         progress: bool = True,          # show a tqdm progress bar with the loss
+        ):
+    "Fine-tune a Stable Diffusion UNet (full or LoRA) on captioned pictures; run it under `accelerate launch` for GPUs and mixed precision."
+    given, defaults = dict(locals()), {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    settings = {**RECIPES.get(given.pop('recipe'), {}), **{k: v for k, v in given.items() if v is not None and v != defaults.get(k)}}
+    data, out, model = settings.pop('data', None), settings.pop('out'), settings.pop('model', None)
+    if data is None: raise SystemExit("error: give --data (a folder or a Hub dataset id), or a --recipe that names one")
+    try: FinetuneConfig.make(**settings)   # every setting checked, and a bad one named, before anything is loaded
+    except (TypeError, ValueError) as e: raise SystemExit(f"error: {e}") from None
+    res = finetune(data, out, model=model, **settings)
+    if not res.main_process: return
+    grid = Path(out) / 'validation.png'
+    if res.saved: print(f"saved {res.saved} after {res.step} steps ({res.seconds:.0f} s)" + (f"; validation grid: {grid}" if grid.exists() else ''))
+    else: print(f"stopped after step {res.step}; continue with --resume")

@@ -563,27 +563,44 @@ def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
         log(f"saved {saved}")
     return FlowRun(pipe=pipe, losses=losses, evals=evals, out=out, step=stop, seconds=seconds, saved=saved)
 
-# %% ../nbs/09_flow.ipynb #87e61a6f
-def main(argv: Sequence[str] | None = None) -> FlowRun:
-    "Command line: `python -m sd_intro.flow --out FOLDER [--steps N] [--init ddpm|scratch] [--<setting> VALUE ...]`; run it again to resume."
-    p = argparse.ArgumentParser(prog='python -m sd_intro.flow', description="Train the embedded model's UNet with the "
-                                "flow-matching objective (resumable: run the same command again after a stop or a crash).")
-    p.add_argument('--out', required=True, help="run folder: config.json, latents, checkpoints/, validation/, model/")
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=None, help="torch CPU threads (1 leaves the other cores free)")
-    for f in fields(FlowConfig):
-        t = str(f.type)
-        kind = int if t.startswith('int') else float if t.startswith('float') else str
-        p.add_argument('--' + f.name.replace('_', '-'), type=kind, default=None, metavar=f.name.upper(), help=f"(default: {f.default})")
-    a = vars(p.parse_args(argv))
-    out, device, threads = a.pop('out'), a.pop('device'), a.pop('threads')
-    if threads: torch.set_num_threads(threads)
-    res = train_flow(out, device=device, log=lambda s: print(time.strftime('%H:%M:%S'), s, flush=True),
-                     **{k: v for k, v in a.items() if v is not None})
-    print(f"saved {res.saved}" if res.saved else f"stopped after step {res.step}; run the same command to resume")
-    return res
-
 # %% ../nbs/09_flow.ipynb #27d5ddaf
 #| eval: false
 from fastcore.imports import IN_NOTEBOOK
-if __name__ == '__main__' and not IN_NOTEBOOK: main()
+if __name__ == '__main__' and not IN_NOTEBOOK:   # `python -m sd_intro.flow`: run `main` of the package's module, not of this
+    import importlib, sys                         # `__main__` copy (where fastcore's `call_parse` would run it at its decorator)
+    sys.argv[0] = 'python -m sd_intro.flow'
+    sys.exit(importlib.import_module('sd_intro.flow').main())
+
+# %% ../nbs/09_flow.ipynb #87e61a6f
+from fastcore.script import call_parse, Param
+
+@call_parse
+def main(out: Param("run folder: config.json, latents, checkpoints/, validation/, model/", str, required=True) = None,
+         device: str = 'cpu',            # 'cpu' or 'cuda'
+         threads: int = None,            # torch CPU threads (1 leaves the other cores free)
+         steps: int = 3000,              # optimiser steps
+         batch_size: int = 64,           # latents per step (the embedded model's)
+         lr: float = 3e-4,               # peak learning rate (AdamW), after a linear warm-up, cosine down to a tenth
+         warmup_steps: int = 100,        # steps of linear warm-up
+         init: Param("'ddpm': continue from the shipped DDPM UNet; 'scratch': a fresh UNet of the same shape",
+                     str, choices=('ddpm', 'scratch')) = 'ddpm',
+         ema_decay: float = 0.999,       # EMA of the weights (what is saved)
+         n_images: int = N_IMAGES,       # base-world pictures whose latents are cached (the embedded model's 40,000)
+         data_seed: int = 100,           # seed of those pictures (the embedded model's: the same data)
+         caption_noise: float = CAPTION_NOISE, # chance that a caption's shape/background/style word is wrong (as the embedded model)
+         train_shift: float = 1.0,       # the training scheduler's `shift` (1: timesteps uniform on the path)
+         shift: float = 1.0,             # the `shift` saved with the model for sampling
+         seed: int = 0,                  # decides every step's pictures, captions, noise and timesteps
+         checkpoint_every: int = 250,    # write a checkpoint (and validation pictures) every this many steps
+         keep_checkpoints: int = 2,      # how many recent checkpoints to keep
+         validation_steps: int = 8,      # Euler steps of the validation pictures
+         stop_at: int = None,            # stop (with a checkpoint) after this step, to resume later
+        ):
+    "Train the embedded model's UNet with the flow-matching objective (resumable: run the same command again after a stop or a crash)."
+    settings = dict(locals())
+    out, device, threads = settings.pop('out'), settings.pop('device'), settings.pop('threads')
+    try: FlowConfig(**settings)   # every setting checked, and a bad one named, before anything is loaded
+    except (TypeError, ValueError) as e: raise SystemExit(f"error: {e}") from None
+    if threads: torch.set_num_threads(threads)
+    res = train_flow(out, device=device, log=lambda s: print(time.strftime('%H:%M:%S'), s, flush=True), **settings)
+    print(f"saved {res.saved}" if res.saved else f"stopped after step {res.step}; run the same command to resume")

@@ -180,7 +180,7 @@ def strength_sweep(pipe,                      # a txt2img or img2img pipeline (i
                    num_inference_steps: int = 30,
                    guidance_scale: float = 7.5,
                    negative_prompt: str | None = None,
-                   judged: bool | None = None # use the judge (default: if its weights exist)
+                   judged: bool = True        # read the pictures with the judge
                   ) -> StrengthSweep:
     "Img2img at each strength; similarity to `image` and the judge's adherence to `prompt` for each."
     from sd_intro import shapes
@@ -191,7 +191,6 @@ def strength_sweep(pipe,                      # a txt2img or img2img pipeline (i
     for s in strengths:
         if steps_run(num_inference_steps, s) < 1: raise ValueError(
             f"strength={s} with num_inference_steps={num_inference_steps} runs no denoising step; raise either")
-    if judged is None: judged = shapes.JUDGE_PATH.exists()
     rows, gens = [], []
     for s in strengths:
         g = generate(i2i, prompt, seed=seed, n=n, image=image, strength=s, num_inference_steps=num_inference_steps,

@@ -210,9 +210,8 @@ class Repaint:
     def _repr_png_(self): return self.grid()._repr_png_()
 
 # %% ../nbs/04_inpainting.ipynb #4963061c
-def _measured(picture, mask, prompt, g: Generation, judged) -> Repaint:
+def _measured(picture, mask, prompt, g: Generation, judged: bool) -> Repaint:
     from sd_intro import shapes
-    if judged is None: judged = shapes.JUDGE_PATH.exists()
     ok = per = None
     if judged:
         want = {k: v for k, v in shapes.parse_caption(prompt).items() if v}
@@ -228,7 +227,7 @@ def repaint(pipe,                     # any pipeline of the model (made an inpai
             prompt: str,              # what the whole picture should show afterwards
             seed: int = 0, n: int = 32, # seeds seed, seed+1, ..., seed+n-1
             num_inference_steps: int = 20,
-            judged: bool | None = None, # use the judge (default: if its weights exist)
+            judged: bool = True,      # read the pictures with the judge
             **kwargs                  # for the pipeline: guidance_scale, strength, padding_mask_crop...
            ) -> Repaint:
     "Inpaint `picture` under `mask_image` for `n` seeds; judge the results and measure the change outside the mask."
@@ -250,7 +249,7 @@ def paste_original(images,            # inpainted pictures
 
 def pasted_back(r: Repaint,          # a `repaint` result
                 blur: int = 0,        # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
-                judged: bool | None = None
+                judged: bool = True   # read the pictures with the judge
                ) -> Repaint:
     "`r`'s pictures with the original pasted back outside the mask (diffusers' `apply_overlay`), judged and measured again."
     g = Generation(paste_original(r.images, r.picture, r.mask, blur), r.generation.settings, r.generation.nsfw)

@@ -42,6 +42,61 @@ def local_checkpoint(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture
+def command_line(capsys):
+    """The checks of a module's command line, a fastcore `call_parse` function `main`: `.check(main, module, config)` and
+    `.run(main, argv)` (parse `argv` as the command line does, then call it)."""
+    import dataclasses, inspect, re, subprocess, sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    from fastcore.docments import docments
+    from fastcore.script import Param, anno_parser
+    flat = lambda s: ' '.join(s.split())
+    def text_of(v): return v.anno.help if isinstance(v.anno, Param) else v.docment
+
+    def check(main, module, config=None):
+        """`--help` (here, and from `python -m module`) lists every option with its docments text and its default; every
+        field of the settings dataclass `config` is an option with the field's default and comment; an unknown option,
+        an option spelt with dashes (the argparse commands before call_parse) and a value outside an option's choices
+        are refused by name."""
+        f, prog = main.__wrapped__, f'python -m {module}'
+        help = flat(anno_parser(f, prog=prog).format_help())
+        opts = docments(f, full=True, returns=False, eval_str=True)
+        for k, v in opts.items():
+            assert text_of(v), f"--{k} has no text"
+            flag = f"--no-{k}" if v.default is True else f"--{k}"
+            assert re.search(rf"(^|[\s\[]){re.escape(flag)}([\s\]]|$)", help), f"{flag} is not in --help"
+            want = text_of(v) + ('' if v.default is None else f" (default: {v.default})")
+            assert flat(want) in help, f"--help does not say {want!r}"
+        if config is not None:
+            said = docments(config)
+            for fld in dataclasses.fields(config):
+                assert fld.name in opts, f"{config.__name__}.{fld.name} is no option of {prog}"
+                assert opts[fld.name].default == fld.default, (fld.name, opts[fld.name].default, fld.default)
+                if said.get(fld.name): assert flat(text_of(opts[fld.name])) == flat(said[fld.name]), fld.name
+        p = anno_parser(f, prog=prog)
+        dashed = next(k for k, v in opts.items() if '_' in k and v.default is not True)
+        bad = [(['--no_such_option', '1'], 'unrecognized arguments: --no_such_option 1'),
+               ([f"--{dashed.replace('_', '-')}", '2'], f"unrecognized arguments: --{dashed.replace('_', '-')} 2")]
+        bad += [([f'--{k}', 'nonsense'], f"argument --{k}: invalid choice: 'nonsense'")
+                for k, v in opts.items() if isinstance(v.anno, Param) and v.anno.choices]
+        capsys.readouterr()
+        for argv, msg in bad:
+            with pytest.raises(SystemExit) as e: p.parse_args(['--out', 'x', *argv])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and msg in err and err.startswith(f'usage: {prog}'), err
+        paths = [str(Path(__file__).resolve().parents[1])] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS='1')
+        r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0 and flat(r.stdout) == help, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def run(main, argv):
+        args = vars(anno_parser(main.__wrapped__).parse_args([str(a) for a in argv]))
+        args.pop('pdb', None); args.pop('xtra', None)
+        return main(**args)
+    return SimpleNamespace(check=check, run=run)
+
+
 def pytest_configure(config):
     # diffusers' schedulers call np.array / np.log on torch tensors; numpy 2 warns about torch's signatures (not ours)
     config.addinivalue_line('filterwarnings',

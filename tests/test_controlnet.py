@@ -16,7 +16,7 @@ from sd_intro.controlnet import (CONTROLNET_MODEL, ControlNetConfig, checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR = Scene('star', 'white', 'black', x=0.5, y=0.45, size=0.3)
-TINY = ['--steps', '4', '--batch-size', '2', '--checkpoint-every', '1', '--validation-images', '2', '--validation-steps', '2',
+TINY = ['--steps', '4', '--batch_size', '2', '--checkpoint_every', '1', '--validation_images', '2', '--validation_steps', '2',
         '--threads', '1', '--no-progress']
 
 
@@ -89,6 +89,14 @@ def test_config_and_folder_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such folder'): load_controlnet(tmp_path / 'nothing')
 
 
+def test_command_line_help_and_bad_options(tmp_path, command_line):
+    from sd_intro.controlnet import main
+    command_line.check(main, 'sd_intro.controlnet', ControlNetConfig)
+    with pytest.raises(SystemExit, match='checkpoint_every=0: use a whole number of at least 1'):
+        command_line.run(main, ['--out', tmp_path / 'run', '--checkpoint_every', '0'])
+    assert not (tmp_path / 'run').exists()
+
+
 def _train_cmd(out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
     return [sys.executable, '-m', 'sd_intro.controlnet', '--out', str(out), *TINY, *extra], env
@@ -127,7 +135,7 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
 
 def test_damaged_edited_and_crafted_checkpoints(tmp_path):
     out = tmp_path / 'run'
-    cmd, env = _train_cmd(out, '--stop-at', '3')
+    cmd, env = _train_cmd(out, '--stop_at', '3')
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
     new, old = checkpoints(out)[:2]
     # an edited state.json is named, and the run falls back to the checkpoint before it

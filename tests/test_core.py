@@ -10,6 +10,10 @@ import sd_intro
 from sd_intro.core import (EMBEDDED_MODEL, image_grid, choose_dtype, resolve_model, load_pipeline, generate, save_image,
                            read_settings, replay, parse_parameters, format_parameters, seeds_for, scheduler_for)
 from sd_intro.loading import _has_fp16_variant, _LOADED   # the loader's own cache and weight probe (moved with it)
+import base64, threading, time
+from PIL import PngImagePlugin
+import sd_intro.core as core
+from sd_intro.core import make_scheduler
 
 
 def tiles(n, size=(8, 8)): return [Image.new('RGB', size, (i * 20 % 255, 0, 0)) for i in range(n)]
@@ -373,3 +377,235 @@ def test_a_callback_that_forgets_to_return_is_named(pipe):
     with pytest.warns(UserWarning, match='latents= decides the starting noise'):
         generate(pipe, 'a red star', num_inference_steps=2, latents=torch.randn(1, 4, 8, 8))
     assert image_grid(generate(pipe, 'a red star', num_inference_steps=2)[0]).size == (128, 128)   # one image is a grid of one
+
+
+# ==== reliability (issue 17): atomic PNG writes, fresh pipelines, thread safety, records as data, web-UI PNGs, parse errors ===
+
+PROMPT = 'a red circle on a blue background'
+
+
+def _png(path, text):
+    info = PngImagePlugin.PngInfo(); info.add_text('parameters', text)
+    Image.new('RGB', (64, 64), 'white').save(path, pnginfo=info)
+    return path
+
+
+def test_save_image_from_threads_onto_one_path_and_onto_a_folder(tmp_path):
+    imgs = [Image.new('RGB', (64, 64), (i * 30, 0, 0)) for i in range(8)]
+    errors = []
+    def save(i):
+        try:
+            for _ in range(10): save_image(imgs[i], tmp_path / 'x.png', dict(prompt=f'p{i}', seed=i, steps=20, width=64, height=64))
+        except Exception as e: errors.append(e)
+    ts = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert not errors, errors[:2]
+    s = read_settings(tmp_path / 'x.png')
+    assert np.asarray(Image.open(tmp_path / 'x.png'))[0, 0, 0] == int(s['prompt'][1:]) * 30   # one whole write
+    assert [p.name for p in tmp_path.iterdir()] == ['x.png']                                   # no temporary files left
+    (tmp_path / 'd.png').mkdir()
+    with pytest.raises(IsADirectoryError, match=r"d\.png' is a folder") as e: save_image(imgs[0], tmp_path / 'd.png', {})
+    assert '.tmp' not in str(e.value)
+
+
+def test_load_pipeline_twice_gives_independent_pipelines():
+    from peft import LoraConfig
+    base = np.asarray(generate(load_pipeline(), PROMPT, seed=1, num_inference_steps=4)[0])
+    a = load_pipeline()
+    a.unet.add_adapter(LoraConfig(r=4, init_lora_weights=False, target_modules=['to_q', 'to_k', 'to_v']))  # a LoRA
+    with torch.no_grad(): a.vae.decoder.conv_out.bias.add_(0.5)                                              # an edit
+    assert not np.array_equal(np.asarray(generate(a, PROMPT, seed=1, num_inference_steps=4)[0]), base)
+    t = time.perf_counter(); b = load_pipeline(); took = time.perf_counter() - t
+    assert np.array_equal(np.asarray(generate(b, PROMPT, seed=1, num_inference_steps=4)[0]), base)
+    assert took < 5, f"a fresh copy of the loaded model took {took:.2f} s"
+
+
+def test_generate_from_threads_gives_the_serial_pictures():
+    from diffusers import DPMSolverMultistepScheduler
+    pipe = load_pipeline()
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # keeps state between steps
+    jobs = [(f'a {c} square on a white background', 10 + i, 4 + i) for i, c in enumerate(['red', 'blue', 'green', 'yellow', 'purple', 'orange'])]
+    serial = [np.asarray(generate(pipe, p, seed=s, num_inference_steps=n)[0]) for p, s, n in jobs]
+    out, errors = [None] * len(jobs), []
+    def run(i):
+        try: out[i] = np.asarray(generate(pipe, jobs[i][0], seed=jobs[i][1], num_inference_steps=jobs[i][2])[0])
+        except Exception as e: errors.append(e)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert not errors and all(np.array_equal(a, b) for a, b in zip(out, serial))
+
+
+@pytest.mark.parametrize('name', ['AutoencoderKL', 'StableDiffusionPipeline', 'os.system'])
+def test_a_sampler_name_builds_only_schedulers(pipe, name):
+    s = dict(prompt=PROMPT, seed=0, steps=2, sampler=name)
+    with pytest.raises(ValueError, match='not a known sampler'): replay(s, pipe)
+    assert type(pipe.scheduler).__name__ == 'DDIMScheduler'
+
+
+WEBUI_HIRES = ('a fox in the snow\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, '
+         'Seed: 3, Size: 64x64, Model hash: 6ce0161689, Model: embedded, Denoising strength: 0.7, Clip skip: 2, '
+         'Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent, Version: v1.10.1')
+
+
+def test_a_webui_txt2img_png_with_hires_fix_karras_and_clip_skip_replays(pipe, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+    s = read_settings(_png(tmp_path / 'webui.png', WEBUI_HIRES))
+    assert s['sampler'] == 'DPM++ 2M' and s['schedule_type'] == 'Karras' and 'strength' not in s and s['clip_skip'] == 2
+    assert s['extra'] == {'Model hash': '6ce0161689', 'Denoising strength': '0.7', 'Hires upscale': '2', 'Hires steps': '4',
+                          'Hires upscaler': 'Latent', 'Version': 'v1.10.1'}
+    with pytest.warns(UserWarning, match=r'does not apply: Denoising strength: 0.7, Hires upscale: 2.*first pass'):
+        img = replay(tmp_path / 'webui.png', pipe)
+    old = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config, use_karras_sigmas=True)
+    try: want = generate(pipe, 'a fox in the snow', seed=3, negative_prompt='blurry', num_inference_steps=4,
+                         guidance_scale=7.0, clip_skip=1)
+    finally: pipe.scheduler = old
+    assert np.array_equal(np.asarray(img), np.asarray(want[0]))
+    assert want.settings[0]['clip_skip'] == 2
+
+
+MAPPED = {'Euler a': ('EulerAncestralDiscreteScheduler', {}), 'DPM++ 2M SDE': ('DPMSolverMultistepScheduler', {'algorithm_type': 'sde-dpmsolver++'}),
+          'DPM++ 3M SDE': ('DPMSolverMultistepScheduler', {'algorithm_type': 'sde-dpmsolver++', 'solver_order': 3}),
+          'DPM2 a': ('KDPM2AncestralDiscreteScheduler', {}), 'LCM': ('LCMScheduler', {}),
+          'DPM++ 2M SDE Heun': ('DPMSolverMultistepScheduler', {'solver_type': 'heun'}), 'Heun': ('HeunDiscreteScheduler', {})}
+
+
+@pytest.mark.parametrize('name', list(MAPPED) + ['DPM++ SDE Karras', 'DPM++ 2S a', 'Restart', 'DPM fast', 'DPM adaptive', 'DDIM CFG++'])
+def test_every_webui_sampler_is_mapped_or_refused_by_name(pipe, name):
+    from sd_intro.pipelines import swapped_scheduler
+    if name in MAPPED:
+        cls, cfg = MAPPED[name]
+        with swapped_scheduler(pipe, name) as sched:
+            assert type(sched).__name__ == cls and all(sched.config[k] == v for k, v in cfg.items())
+            assert core.sampler_name(sched) == name
+            generate(pipe, PROMPT, seed=0, num_inference_steps=3)
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"sampler='{name}'")) as e:
+            replay(dict(prompt=PROMPT, seed=0, steps=3, sampler=name), pipe)
+        assert 'torchsde' in str(e.value) or 'diffusers does not have' in str(e.value)
+
+
+def test_written_values_are_quoted_as_the_webui_quotes_them(pipe, tmp_path):
+    g = generate(pipe, 'a fox\nNegative prompt: blue', seed=2, num_inference_steps=2)
+    st = dict(g.settings[0], model='C:\\models\\my, model: v2.safetensors')
+    p = save_image(g[0], tmp_path / 'q.png', st)
+    text = Image.open(p).info['parameters']
+    assert 'Model: "C:\\\\models\\\\my, model: v2.safetensors"' in text
+    s = read_settings(p)
+    assert s['model'] == st['model'] and s['prompt'] == 'a fox\nNegative prompt: blue' and s['negative_prompt'] == ''
+
+
+def test_the_sd_parsers_reader_reads_our_pngs(pipe, tmp_path):
+    sd_parsers = pytest.importorskip('sd_parsers')
+    from diffusers import DPMSolverMultistepScheduler
+    from sd_intro.pipelines import swapped_scheduler
+    with swapped_scheduler(pipe, DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)):
+        g = generate(pipe, 'a red star', seed=5, negative_prompt='blue', num_inference_steps=3, guidance_scale=6.5)
+    p = save_image(g[0], tmp_path / 'k.png', g.settings[0])
+    info = sd_parsers.ParserManager().parse(str(p))
+    smp = info.samplers[0]
+    assert smp.name == 'DPM++ 2M' and smp.parameters['scheduler'] == 'Karras'
+    assert smp.parameters['seed'] == '5' and smp.parameters['steps'] == '3' and smp.parameters['cfg_scale'] == '6.5'
+    assert smp.prompts[0].value == 'a red star' and smp.negative_prompts[0].value == 'blue'
+    assert smp.model.name == 'embedded'
+
+
+@pytest.mark.parametrize('field,msg', [('Steps: abc', "'Steps: abc' is not a whole number"),
+                                       ('Seed: 1.5', "'Seed: 1.5' is not a whole number"),
+                                       ('Size: 64', "'Size: 64' is not WIDTHxHEIGHT"),
+                                       ('Size: 64x64x3', "'Size: 64x64x3' is not WIDTHxHEIGHT")])
+def test_damaged_png_parameters_are_named(tmp_path, field, msg):
+    text = 'a fox\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64'
+    k = field.split(':')[0]
+    text = re.sub(rf'{k}: [^,]*', field, text)
+    with pytest.raises(ValueError, match=re.escape(msg)): read_settings(_png(tmp_path / 'bad.png', text))
+
+
+def test_absurd_image_counts_are_refused_before_any_allocation(pipe, monkeypatch):
+    monkeypatch.setattr(core, 'generators', lambda seeds: pytest.fail(f'allocated {len(seeds)} generators'))
+    monkeypatch.setattr(core, 'seeds_for', lambda seed, n: pytest.fail(f'made {n} seeds'))
+    with pytest.raises(ValueError, match='n=10000000: .*at most 4096'): generate(pipe, PROMPT, n=10**7)
+
+
+def test_read_settings_closes_its_file(tmp_path):
+    p = save_image(Image.new('RGB', (8, 8)), tmp_path / 's.png', dict(prompt='x', seed=1))
+    opened = []
+    real = Image.open
+    def spy(*a, **k):
+        im = real(*a, **k); opened.append(im); return im
+    Image.open = spy
+    try: read_settings(p)
+    finally: Image.open = real
+    assert opened and all(getattr(im, 'fp', None) is None for im in opened)
+
+
+# ==== models and records (issue 31): web-UI JPEG/WebP records, out-of-range fields refused by name, shared schedulers ===
+
+WEBUI_EXIF = ('a red circle\nNegative prompt: blue\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 64x64, '
+         'Model: sd15, Lora hashes: "detail: 0123456789ab"')
+
+
+@pytest.mark.parametrize('fmt, head, enc', [('JPEG', b'UNICODE\0', 'utf-16-be'), ('WEBP', b'UNICODE\0', 'utf-16-be'),
+                                            ('JPEG', b'UNICODE\0', 'utf-16-le'), ('JPEG', b'ASCII\0\0\0', 'ascii')])
+def test_webui_jpeg_and_webp_records_are_read_from_exif(tmp_path, fmt, head, enc):
+    exif = Image.Exif()
+    exif[0x8769] = {0x9286: head + WEBUI_EXIF.encode(enc)}   # the Exif IFD's UserComment, as the web UI writes it
+    path = tmp_path / f"x.{fmt.lower()}"
+    Image.new('RGB', (64, 64), 'white').save(path, format=fmt, exif=exif.tobytes())
+    s = read_settings(path)
+    assert s['prompt'] == 'a red circle' and s['negative_prompt'] == 'blue' and s['steps'] == 20 and s['seed'] == 5
+    assert s['extras'] == {'Lora hashes': 'detail: 0123456789ab'} and read_settings(Image.open(path))['sampler'] == 'Euler a'
+
+
+def test_a_jpeg_without_settings_says_where_they_would_be(tmp_path):
+    Image.new('RGB', (8, 8)).save(tmp_path / 'x.jpg')
+    with pytest.raises(ValueError, match=r"no 'parameters' text chunk \(PNG\) or EXIF UserComment \(JPEG, WebP\)"):
+        read_settings(tmp_path / 'x.jpg')
+
+
+@pytest.mark.parametrize('field, value, msg', [
+    ('clip_skip', 99, r"'Clip skip: 99' is not from 1 \(the last layer\) to 2"),
+    ('width', 4096, r"'Size: 4096x64' is 64 times the area"),
+    ('steps', 0, r"'Steps: 0' is not from 1 to 1000"),
+    ('steps', 5000, r"'Steps: 5000' is not from 1 to 1000"),
+    ('guidance_scale', float('inf'), r"'CFG scale: inf' is not a number"),
+    ('width', 100, r"'Size: 100x64' is not two multiples of 8")])
+def test_out_of_range_record_values_are_refused_by_field(pipe, field, value, msg):
+    s = {**dict(prompt=PROMPT, seed=1, steps=2, width=64, height=64), field: value}
+    with pytest.raises(ValueError, match=msg): replay(s, pipe)
+
+
+def test_a_webui_record_of_4096_px_is_refused_before_running(pipe, tmp_path):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo(); info.add_text('parameters', 'a red circle\nSteps: 20, Seed: 1, Size: 4096x4096')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'big.png', pnginfo=info)
+    with pytest.raises(ValueError, match=r"'Size: 4096x4096' is 4096 times the area this model was trained at \(64x64\)"):
+        replay(tmp_path / 'big.png', pipe)
+
+
+def test_generate_refuses_a_clip_skip_beyond_the_encoder(pipe):
+    with pytest.raises(ValueError, match=r'clip_skip=99: .*from 0 to 1 \(this text encoder has 2 layers\)'):
+        generate(pipe, PROMPT, num_inference_steps=2, clip_skip=99)
+
+
+@pytest.mark.parametrize('name', ['FlowMatchEulerDiscreteScheduler', 'FlowMatchHeunDiscreteScheduler'])
+def test_a_flow_matching_sampler_is_refused_by_name(pipe, name):
+    with pytest.raises(ValueError, match=rf"sampler='{name}' \({name}\) does not work with this pipeline's DDIMScheduler"):
+        replay(dict(prompt=PROMPT, seed=1, steps=2, sampler=name), pipe)
+
+
+def test_pipelines_sharing_a_scheduler_give_the_serial_pictures_from_threads():
+    a, b = load_pipeline(), load_pipeline()
+    a.scheduler = b.scheduler = make_scheduler('Euler', a.scheduler.config)   # two UNets, one scheduler: Euler counts its steps
+    jobs = [(p, s, n) for s in range(3) for p, n in ((a, 8), (b, 6))]
+    serial = [np.asarray(generate(p, PROMPT, seed=s, num_inference_steps=n, guidance_scale=3)[0]) for p, s, n in jobs]
+    got, errors = [None] * len(jobs), []
+    def run(i):
+        try: got[i] = np.asarray(generate(jobs[i][0], PROMPT, seed=jobs[i][1], num_inference_steps=jobs[i][2], guidance_scale=3)[0])
+        except Exception as e: errors.append(e)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert not errors and all(np.array_equal(x, y) for x, y in zip(got, serial))

@@ -11,6 +11,9 @@ from sd_intro.finetune import model_fingerprint
 from sd_intro.distill import (LCM_INFO, LCM_LORA, LCM_WEIGHTS, DistillConfig, boundary_scalings, check_lcm, distill,
                               few_step_quality, lcm_generate, lcm_info, lcm_max_steps, lcm_pipeline, main,
                               skipping_timesteps, anchor_loss, teacher_endpoints)
+import numpy as np
+import sd_intro.finetune as ft
+from sd_intro.core import generate, load_lora, read_settings, replay, save_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=3, batch_size=2, n_images=8, anchor_pairs=4, rank=2, ckpt_every=1)
@@ -108,10 +111,19 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
     assert not (tmp_path / 'other').exists()
 
 
-def test_command_line(tmp_path):
-    out = main(['--out', str(tmp_path / 'lcm'), '--steps', '1', '--batch_size', '2', '--n_images', '4', '--anchor_pairs', '2', '--rank', '2'])
+def test_command_line(tmp_path, command_line):
+    out = tmp_path / 'lcm'
+    command_line.run(main, ['--out', out, '--steps', '1', '--batch_size', '2', '--n_images', '4', '--anchor_pairs', '2', '--rank', '2'])
     assert sorted(p.name for p in out.iterdir()) == [LCM_INFO, LCM_WEIGHTS]
     assert lcm_info(out)['rank'] == 2
+
+
+def test_command_line_help_and_bad_options(tmp_path, command_line):
+    command_line.check(main, 'sd_intro.distill', DistillConfig)
+    for argv, msg in ((['--anchor', '-1'], 'anchor=-1.0: use a number of 0 or more'),
+                      (['--init_lora', tmp_path], 'holds no pytorch_lora_weights.safetensors')):
+        with pytest.raises(SystemExit, match=msg): command_line.run(main, ['--out', tmp_path / 'lcm', *argv])
+    assert not (tmp_path / 'lcm').exists() and not (tmp_path / 'lcm-work').exists()
 
 
 def test_lcm_pipeline_loads_the_lora_on_a_copy():
@@ -179,3 +191,78 @@ def test_init_lora_continues_from_a_distilled_lora_or_says_what_is_missing(tmp_p
     assert any(torch.equal(v, sd[k.replace('.default', '')]) for k, v in got.items() if k.replace('.default', '') in sd)
     assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in got.items())
     with pytest.raises(ValueError, match='rank'): _student(pipe.unet, 4, 0, LCM_LORA)
+
+
+# ==== models and records (issue 31): an LCM is used as one through generate too; pictures name their LoRA ==============
+
+CIRCLE = 'a red circle on a blue background'
+
+
+def caught(f):
+    "f()'s result and the messages of the warnings it gave."
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter('always')
+        out = f()
+    return out, [str(w.message) for w in ws]
+
+
+@pytest.fixture(scope='module')
+def lcm(): return lcm_pipeline()
+
+
+@pytest.fixture(scope='module')
+def tuned_lora(tmp_path_factory):
+    "A fine-tune's LoRA folder (attention layers only, no distill.json)."
+    d = tmp_path_factory.mktemp('tuned')
+    data = ft.write_shapes_folder(d / 'data', n_new=4, n_old=0, seed=1)
+    return ft.finetune(data, d / 'run', method='lora', steps=1, batch_size=2, progress=False).saved
+
+
+@pytest.mark.parametrize('kw', [dict(num_inference_steps=12, guidance_scale=7.5), dict(), dict(num_inference_steps=50)])
+def test_generate_refuses_steps_an_lcm_was_not_distilled_for(lcm, kw):
+    with pytest.raises(ValueError, match=r'distilled for 1 to \d steps .*base model'): generate(lcm, CIRCLE, **kw)
+
+
+def test_generate_on_an_lcm_warns_on_guidance_as_lcm_generate_does(lcm):
+    _, said = caught(lambda: generate(lcm, CIRCLE, num_inference_steps=4))   # generate's default scale, 7.5
+    assert any('guides again on top of the guidance baked into this model' in m for m in said), said
+    res, said = caught(lambda: lcm_generate(lcm, CIRCLE, num_inference_steps=4))
+    assert said == [], said                                          # its own defaults: no advice, nothing twice
+    res2, said = caught(lambda: generate(lcm, CIRCLE, num_inference_steps=4, guidance_scale=1.0))
+    assert said == [] and np.array_equal(np.asarray(res[0]), np.asarray(res2[0]))
+
+
+def test_an_lcm_picture_names_its_lora_and_replays_on_the_lcm_only(lcm, pipe, tmp_path):
+    res = lcm_generate(lcm, CIRCLE, seed=3, num_inference_steps=4)
+    lora = res.settings[0]['extras']['Lora hashes']
+    assert lora.startswith('shapes-lcm-lora: ') and len(lora.split(': ')[1]) == 12
+    path = save_image(res[0], tmp_path / 'lcm.png', res.settings[0])
+    assert read_settings(path)['extras'] == {'Lora hashes': lora}
+    again, said = caught(lambda: replay(path, lcm))
+    assert said == [] and np.array_equal(np.asarray(again), np.asarray(res[0]))   # no "use a scale above 1" advice
+    _, said = caught(lambda: replay(path, load_pipeline()))
+    assert any(f"made with Lora hashes: {lora}, and this pipeline has none" in m and 'lcm_pipeline(lora=' in m
+               for m in said), said
+    base = generate(pipe, CIRCLE, num_inference_steps=2).settings[0]
+    with warnings.catch_warnings(record=True) as ws:   # a base-model picture on the LCM: said, then refused by its sampler
+        warnings.simplefilter('always')
+        with pytest.raises(TypeError, match=r"samples with DDIMScheduler, not a latent consistency model's"): replay(base, lcm)
+    assert any('made with Lora hashes: none, and this pipeline has shapes-lcm-lora' in str(w.message) for w in ws)
+
+
+def test_a_finetune_lora_is_refused_as_an_lcm_and_recorded_when_loaded(tuned_lora, tmp_path):
+    with pytest.raises(ValueError, match=r"is not an LCM-LoRA: it has no distill.json and adapts only attention layers"):
+        lcm_pipeline(lora=tuned_lora)
+    from sd_intro.core import pipe_extras
+    p = load_lora(load_pipeline(), tuned_lora)
+    res = generate(p, CIRCLE, num_inference_steps=2)
+    assert res.settings[0]['extras']['Lora hashes'].startswith('lora: ')
+    assert pipe_extras(load_pipeline(p, kind='img2img'))[0].value == res.settings[0]['extras']['Lora hashes']
+    _, said = caught(lambda: replay(res.settings[0], load_pipeline()))
+    assert any('load the LoRA first: load_lora(pipe, FOLDER)' in m for m in said), said
+
+
+def test_a_lora_folder_without_the_named_weights_is_named(tmp_path):
+    (tmp_path / 'l').mkdir(); (tmp_path / 'l' / 'other.safetensors').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r"has no pytorch_lora_weights.safetensors; it holds \['other.safetensors'\]"):
+        lcm_pipeline(lora=tmp_path / 'l')

@@ -7,6 +7,7 @@ from PIL import Image
 
 import sd_intro.finetune as ft
 from sd_intro.core import EMBEDDED_MODEL, load_pipeline
+import subprocess, sys
 
 FAST = dict(batch_size=4, lr=1e-3, progress=False)
 
@@ -265,13 +266,32 @@ def test_resume_with_nothing_to_resume_says_so(data, tmp_path):
         ft.finetune(data, tmp_path / 'new', method='lora', steps=1, resume=True, **FAST)
 
 
-def test_command_line(folder, tmp_path, capsys):
-    res = ft.main(['--data', str(folder), '--out', str(tmp_path / 'cli'), '--method', 'full', '--steps', '2',
-                   '--batch-size', '2', '--lr', '1e-4', '--ema', '--no-progress', '--no-check-images'])
-    assert res.config.method == 'full' and res.config.ema and res.config.lr == 1e-4 and len(res.losses) == 2
+def test_command_line(folder, tmp_path, capsys, command_line):
+    command_line.run(ft.main, ['--data', folder, '--out', tmp_path / 'cli', '--method', 'full', '--steps', '2',
+                               '--batch_size', '2', '--lr', '1e-4', '--ema', '--no-progress', '--no-check_images'])
     assert 'saved' in capsys.readouterr().out and (tmp_path / 'cli' / 'pipeline' / 'unet').exists()
     cfg = json.loads((tmp_path / 'cli' / 'config.json').read_text())
-    assert cfg['batch_size'] == 2 and cfg['model'] == EMBEDDED_MODEL
+    assert cfg['method'] == 'full' and cfg['ema'] and cfg['lr'] == 1e-4 and not cfg['check_images'] and not cfg['progress']
+    assert cfg['batch_size'] == 2 and cfg['steps'] == 2 and cfg['model'] == EMBEDDED_MODEL
+
+
+def test_command_line_help_and_bad_options(command_line):
+    command_line.check(ft.main, 'sd_intro.finetune', ft.FinetuneConfig)
+
+
+def test_command_line_recipes_and_checks(monkeypatch, command_line):
+    "A recipe gives the settings the options leave at their defaults; missing data and bad settings are named first."
+    from types import SimpleNamespace
+    got = []
+    monkeypatch.setattr(ft, 'finetune', lambda data, out, model=None, **kw: got.append(dict(kw, data=data, out=out, model=model))
+                        or SimpleNamespace(main_process=False))
+    command_line.run(ft.main, ['--recipe', 'pokemon-lora', '--out', 'o', '--steps', '3', '--rank', '8', '--resume'])
+    want = dict(ft.RECIPES['pokemon-lora'], out='o', steps=3, rank=8, resume=True)
+    assert got == [want]
+    for argv, msg in ((['--out', 'o'], 'give --data'), (['--data', 'd', '--out', 'o', '--steps', '0'], 'steps=0: use a whole number'),
+                      (['--recipe', 'pokemon-full', '--out', 'o', '--lr_scheduler', 'fast'], "lr_scheduler='fast'")):
+        with pytest.raises(SystemExit, match=msg): command_line.run(ft.main, argv)
+    assert len(got) == 1
 
 
 def test_recipes_are_valid_settings():
@@ -354,3 +374,98 @@ def test_shipped_creature_lora_loads_with_plain_diffusers():
     before = {k: v.clone() for k, v in p.unet.state_dict().items() if 'to_q' in k}
     p.load_lora_weights(str(ft.CREATURE_LORA), weight_name='pytorch_lora_weights.safetensors')
     assert any('lora' in k for k in p.unet.state_dict())
+
+
+# ==== reliability (issue 17): nothing a user made is lost; dataset mistakes named ======================================
+
+@pytest.fixture(scope='module')
+def small_folder(tmp_path_factory):
+    return ft.write_shapes_folder(tmp_path_factory.mktemp('data') / 'creatures', n_new=6, n_old=2, seed=3)
+
+
+def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_runs_lock_ends_with_it(small_folder, tmp_path):
+    import os
+    out = tmp_path / 'run'; out.mkdir()
+    code = f"from sd_intro.training import run_lock\nimport time\nwith run_lock({str(out)!r}): print('held', flush=True); time.sleep(120)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS='1'))
+    try:
+        assert other.stdout.readline() == 'held\n'
+        with pytest.raises(RuntimeError, match=rf'in use by another training run \(process {other.pid} on '):
+            ft.finetune(small_folder, out, method='lora', steps=1, **FAST)
+        assert not (out / 'lora').exists()
+    finally: other.kill(); other.wait()   # killed with SIGKILL: its operating-system lock ends with it
+    res = ft.finetune(small_folder, out, method='lora', steps=1, **FAST)   # nothing to take over, nothing to clean
+    assert res.saved is not None and not (out / '.sd_intro.lock.json').exists()   # released when done
+
+
+def test_overwrite_removes_only_what_runs_wrote(small_folder, tmp_path):
+    out = tmp_path / 'run'
+    ft.finetune(small_folder, out, method='lora', steps=2, stop_at=1, validation_prompts=['a creature'], validation_steps=2, **FAST)
+    (out / 'validation' / 'my-notes.txt').write_text('mine')
+    (out / 'checkpoints' / 'README').write_text('mine too')
+    ft.finetune(small_folder, out, method='lora', steps=1, overwrite=True, **FAST)
+    assert (out / 'validation' / 'my-notes.txt').read_text() == 'mine' and (out / 'checkpoints' / 'README').exists()
+    assert not list((out / 'checkpoints').glob('step-*'))
+
+
+@pytest.mark.parametrize('where', ['same', 'inside'])
+def test_data_folder_as_run_folder_is_refused(small_folder, where):
+    before = sorted(p.name for p in small_folder.iterdir())
+    out = small_folder if where == 'same' else small_folder / 'run'
+    with pytest.raises(ValueError, match='are the same folder' if where == 'same' else 'lie one inside the other'):
+        ft.finetune(small_folder, out, method='lora', steps=1, **FAST)
+    assert sorted(p.name for p in small_folder.iterdir()) == before
+
+
+def test_resume_with_other_data_names_the_change_and_needs_asking(small_folder, tmp_path):
+    other = ft.write_shapes_folder(tmp_path / 'other', n_new=6, n_old=2, seed=4)
+    out = tmp_path / 'run'
+    ft.finetune(small_folder, out, method='lora', steps=2, stop_at=1, **FAST)
+    with pytest.raises(ValueError, match=r"cannot resume: .*'data'.*resume_changed=True"):
+        ft.finetune(other, out, method='lora', steps=2, resume=True, **FAST)
+    with pytest.warns(UserWarning, match=r"resume_changed=True: resuming although .*'data'"):
+        res = ft.finetune(other, out, method='lora', steps=2, resume=True, resume_changed=True, **FAST)
+    assert res.saved is not None and len(res.losses) == 2
+
+
+def test_a_truncated_newest_checkpoint_is_named_and_the_previous_one_used(small_folder, tmp_path):
+    kw = dict(method='lora', steps=3, checkpoint_every=1, **FAST)
+    whole = ft.finetune(small_folder, tmp_path / 'whole', **kw)
+    out = tmp_path / 'run'
+    ft.finetune(small_folder, out, stop_at=2, **kw)
+    f = out / 'checkpoints' / 'step-000002' / 'trainable.safetensors'
+    f.write_bytes(f.read_bytes()[:100])                      # cut short, as by a full disk outside our control
+    with pytest.warns(UserWarning, match=r'step-000002: trainable.safetensors is damaged.*from the previous complete one, step-000001'):
+        res = ft.finetune(small_folder, out, resume=True, **kw)
+    assert res.losses == whole.losses
+
+
+def _caption_folder(tmp_path, lines, extra=()):
+    d = tmp_path / 'd'; d.mkdir()
+    Image.new('RGB', (64, 64), 'red').save(d / 'a.png')
+    for name in extra: (d / name).write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    (d / 'metadata.jsonl').write_bytes(b'\n'.join(lines) + b'\n')
+    return d
+
+
+@pytest.mark.parametrize('lines,msg', [
+    ([b'{"file_name": "a.png", "text": "a red caf\xe9"}'], r"metadata.jsonl line 1: not UTF-8 text"),
+    ([b'{"file_name": "../a.png", "text": "x"}', b'{"file_name": "a.png", "text": "x"}'], "line 1: file_name '../a.png' points outside"),
+    ([b'{"file_name": "/etc/passwd", "text": "x"}', b'{"file_name": "a.png", "text": "x"}'], "line 1: file_name '/etc/passwd' is an absolute path"),
+    ([b'{"file_name": "a.png", "text": 42}'], r"caption on line 1 of metadata.jsonl is a int \(42\), not text"),
+    ([b'{"file_name": "a.png", "text": "x"}', b'{"file_name": "a.png", "text": "y"}'], "lines 1 and 2 both caption 'a.png'")])
+def test_dataset_mistakes_are_named(tmp_path, lines, msg):
+    with pytest.raises(ValueError, match=msg): ft.check_imagefolder(_caption_folder(tmp_path, lines))
+
+
+def test_macos_resource_files_are_ignored(tmp_path):
+    d = _caption_folder(tmp_path, [b'{"file_name": "a.png", "text": "a red square"}'], extra=['._a.png'])
+    assert ft.check_imagefolder(d) == {'a.png': 'a red square'}
+    assert len(ft.load_captioned(d)) == 1
+
+
+def test_make_keeps_a_chosen_learning_rate():
+    assert ft.FinetuneConfig.make(ft.FinetuneConfig(lr=3e-4), method='full').lr == 3e-4
+    assert ft.FinetuneConfig.make(ft.FinetuneConfig(), method='full').lr == 1e-5

@@ -212,11 +212,19 @@ def test_refuses_a_folder_of_other_files(tmp_path):
         else: raise ValueError('CUDA present')
 
 
+def test_command_line_help_and_bad_options(tmp_path, command_line):
+    from sd_intro.flow import main
+    command_line.check(main, 'sd_intro.flow', FlowConfig)
+    with pytest.raises(SystemExit, match=r'stop_at=9: use a step from 1 to steps=4'):
+        command_line.run(main, ['--out', tmp_path / 'run', '--steps', '4', '--stop_at', '9'])
+    assert not (tmp_path / 'run').exists()
+
+
 def run_cli(out, *extra, kill_at=None):
     "Run the command line in a fresh process; with `kill_at`, kill -9 it once that checkpoint is complete."
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    args = [sys.executable, '-m', 'sd_intro.flow', '--out', str(out), '--threads', '1', '--steps', '4', '--batch-size', '2',
-            '--n-images', '8', '--checkpoint-every', '2', '--validation-steps', '1', '--warmup-steps', '2', *extra]
+    args = [sys.executable, '-m', 'sd_intro.flow', '--out', str(out), '--threads', '1', '--steps', '4', '--batch_size', '2',
+            '--n_images', '8', '--checkpoint_every', '2', '--validation_steps', '1', '--warmup_steps', '2', *extra]
     p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if kill_at is None:
         out_text = p.communicate(timeout=600)[0]

@@ -8,6 +8,7 @@ from sd_intro.core import generate, generators, load_pipeline, seeds_for
 from sd_intro.img2img import (Chain, Hop, ResizeNote, StrengthSweep, WOLF_SKETCH_URL, draw_sketch, img2img_by_hand,
                               img2img_pipeline, load_image, noised_start, pixel_diff, replay_chain, run_chain,
                               sketch_path, ssim, steps_run, strength_sweep)
+import base64
 
 PROMPT = 'a solid red star on a white background'
 STEPS = 5   # few steps: equality of loops does not need a good picture
@@ -355,3 +356,74 @@ def test_numpy_hops_and_a_single_hop(pipe, tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     assert chain.save('~/c.json') == tmp_path / 'c.json'            # plain numbers in the JSON, ~ expanded
     assert json.loads((tmp_path / 'c.json').read_text())['hops'][0]['steps'] == 4
+
+
+# ==== reliability (issue 17): chain records are data, damaged records named, every kind of picture read ================
+
+CIRCLE = 'a red circle on a blue background'
+
+
+@pytest.fixture(scope='module')
+def chain(pipe):
+    return run_chain(pipe, Image.new('RGB', (64, 64), 'white'), [Hop(CIRCLE, strength=0.5, steps=4)])
+
+
+@pytest.mark.parametrize('source', ['/etc/passwd', 'https://example.com/x.png', 'SKETCH'])
+def test_replay_chain_opens_nothing_a_record_names(pipe, chain, source, monkeypatch):
+    import sd_intro.images as images   # where load_image's downloader lives
+    from sd_intro.img2img import sketch_path
+    monkeypatch.setattr(images, '_download', lambda *a, **k: pytest.fail('replay_chain fetched a URL named by a record'))
+    rec = json.loads(json.dumps(chain.record))
+    rec['start'].update(png_base64=None, source=str(sketch_path()) if source == 'SKETCH' else source)
+    with pytest.raises(ValueError, match='opens nothing it names') as e: replay_chain(rec, pipe)
+    assert 'root:' not in str(e.value)
+    again = replay_chain(rec, pipe, start=chain.start)                        # given explicitly, it is used
+    assert np.array_equal(np.asarray(again.final), np.asarray(chain.final))
+
+
+def test_errors_quote_no_file_content(tmp_path):
+    (tmp_path / 'secret.png').write_text('root:x:0:0:root:/root:/bin/bash\n')
+    with pytest.raises(ValueError) as e: load_image(tmp_path / 'secret.png')
+    assert 'root' not in str(e.value).replace(str(tmp_path), '')
+
+
+def _broken(record, how):
+    r = json.loads(json.dumps(record))
+    if how == 'corrupt': r['start']['png_base64'] = r['start']['png_base64'][:40] + '!!'
+    elif how == 'not a picture': r['start']['png_base64'] = base64.b64encode(b'root:x:0:0').decode()
+    elif how == 'no sha': del r['start']['sha256']
+    elif how == 'start str': r['start'] = 'x.png'
+    elif how == 'no hops': r['hops'] = []
+    return r
+
+
+@pytest.mark.parametrize('how,msg', [('corrupt', 'png_base64 is not a picture'), ('not a picture', 'png_base64 is not a picture'),
+                                     ('no sha', 'no sha256'), ('start str', "start is a str"), ('no hops', 'has no hops')])
+def test_damaged_chain_records_are_named(pipe, chain, how, msg):
+    with pytest.raises(ValueError, match=msg) as e: replay_chain(_broken(chain.record, how), pipe)
+    assert 'root' not in str(e.value)
+
+
+def test_a_chain_record_with_a_byte_order_mark_replays(pipe, chain, tmp_path):
+    p = tmp_path / 'c.json'
+    p.write_bytes(b'\xef\xbb\xbf' + json.dumps(chain.record).encode())
+    assert np.array_equal(np.asarray(replay_chain(p, pipe).final), np.asarray(chain.final))
+
+
+def test_16_bit_images_are_read_by_their_depth(tmp_path):
+    Image.fromarray(np.full((64, 64), 200, np.uint16)).save(tmp_path / 'dark16.png')
+    assert np.asarray(load_image(tmp_path / 'dark16.png')).max() == 1     # 200 / 65535 of white, not 200 / 255
+
+
+def test_an_animated_gif_says_it_uses_its_first_frame(tmp_path):
+    frames = [Image.new('RGB', (64, 64), c) for c in ('red', 'blue')]
+    frames[0].save(tmp_path / 'a.gif', save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match=r'is animated \(2 frames\); using its first frame'): load_image(tmp_path / 'a.gif')
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'L'])
+def test_img2img_resizes_every_kind_of_picture_with_a_note(pipe, mode):
+    from sd_intro.img2img import img2img_pipeline
+    im = Image.new(mode, (100, 100), 'red' if mode == 'RGB' else 128)
+    with pytest.warns(ResizeNote, match='resized the given image from 100x100 to 96x96'):
+        generate(img2img_pipeline(pipe), CIRCLE, image=im, strength=0.5, num_inference_steps=2)

@@ -7,6 +7,7 @@ from sd_intro.core import EMBEDDED_MODEL, generate, quiet_loading
 from sd_intro.inside import (LossGuidance, Parts, add_token, colour_loss, encode_by_hand, images_only, images_to_latents,
                              latents_to_images, load_parts, one_token, sample_parts, save_learned_embeds, swap_word,
                              text_embeddings, textual_inversion, token_rows)
+import shutil
 
 PROMPT = 'a red circle on a blue background'
 STEPS = 4   # equality of the loops does not need a good picture
@@ -162,3 +163,27 @@ def test_fit_conditioning_trains_the_whole_encoder_output_and_leaves_the_unet(pa
     with pytest.raises(ValueError, match='steps='): fit_conditioning(parts, pics, 'x', steps=0)
     with pytest.raises(ValueError, match='lr='): fit_conditioning(parts, pics, 'x', lr=-1)
     with pytest.raises(ValueError, match='images is empty'): fit_conditioning(parts, [], 'x')
+
+
+# ==== models and records (issue 31): load_parts checks as load_pipeline does ===========================================
+
+def test_load_parts_names_missing_folders_parts_and_a_foreign_scheduler(tmp_path, monkeypatch):
+    from sd_intro.inside import load_parts
+    with pytest.raises(FileNotFoundError, match=r"no diffusers pipeline folder there"): load_parts(tmp_path / 'nothing')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no folder of that name in .*not a Hub id"): load_parts('my-model')
+    m = tmp_path / 'm'; shutil.copytree(EMBEDDED_MODEL, m); shutil.rmtree(m / 'unet')
+    with pytest.raises(FileNotFoundError, match=r"has no unet/ folder"): load_parts(m)
+    shutil.rmtree(m); shutil.copytree(EMBEDDED_MODEL, m)
+    cfg = json.loads((m / 'scheduler' / 'scheduler_config.json').read_text())
+    (m / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(dict(cfg, _class_name='AutoencoderKL')))
+    with pytest.raises(ValueError, match=r"names 'AutoencoderKL', which is not a diffusers scheduler"): load_parts(m)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='sees no CUDA GPU'): load_parts(device='cuda')
+
+
+def test_load_parts_loads_without_float32_notes(capfd):
+    from sd_intro.inside import load_parts
+    capfd.readouterr()
+    parts = load_parts()
+    assert 'should be kept in float32' not in ''.join(capfd.readouterr()) and parts.unet.dtype == torch.float32

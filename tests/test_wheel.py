@@ -67,3 +67,14 @@ def test_wheel_installs_and_generates(tmp_path):
     assert res['size'] == [64, 64] or min(res['size']) >= 64, res
     assert {'colour', 'shape', 'background'} <= set(res['judged']), res
     print(f"wheel {wheel.name}: {len(names)} files, {wheel.stat().st_size / 1e6:.1f} MB; judged {res['judged']}")
+
+    # settings.ini's console_scripts are installed, and each command line answers --help from the installed package
+    import configparser
+    cfg = configparser.ConfigParser(delimiters=['=']); cfg.read(ROOT / 'settings.ini')
+    scripts = dict(s.split('=') for s in cfg['DEFAULT']['console_scripts'].split())
+    new = {f'sd-intro-{m}': f'sd_intro.{m}:main' for m in ('finetune', 'distill', 'embedded', 'controlnet', 'flow')}
+    assert new.items() <= scripts.items() and {'sd_intro_train_embedded', 'sd_intro_train_controlnet', 'sd_intro_train_flow'} <= set(scripts)
+    assert all((venv / 'bin' / name).is_file() for name in scripts), sorted(p.name for p in (venv / 'bin').iterdir())
+    for name in new:
+        out = _run([str(venv / 'bin' / name), '--help'], cwd=elsewhere, env=env)
+        assert out.startswith(f'usage: {name} ') and ' --out ' in out, out[:2000]

@@ -1,0 +1,21 @@
+"sd_intro.embedded's command line: its options, and what it hands `make_embedded`."
+from pathlib import Path
+import sd_intro
+import sd_intro.embedded as E
+
+
+def test_command_line_help_and_bad_options(command_line):
+    command_line.check(E.main, 'sd_intro.embedded')
+
+
+def test_command_line_hands_its_options_to_make_embedded(monkeypatch, tmp_path, command_line):
+    got = []
+    monkeypatch.setattr(E, 'make_embedded', lambda out, work, **kw: got.append(dict(kw, out=out, work=work)))
+    command_line.run(E.main, ['--out', tmp_path / 'm', '--unet_steps', '5', '--n_images', '8', '--caption_noise', '0.5'])
+    command_line.run(E.main, [])
+    package = Path(sd_intro.__file__).parent
+    (a, b) = got
+    assert (a['out'], a['work'], a['unet_steps'], a['n_images'], a['caption_noise'], a['seed'], a['device']) == \
+           (str(tmp_path / 'm'), None, 5, 8, 0.5, 0, 'cpu')
+    assert (b['out'], b['judge_out'], b['unet_steps']) == (package / 'models' / 'shapes-sd', package / 'assets' / 'judge.safetensors', E.UNET_STEPS)
+    assert a['judge_out'] == b['judge_out'] and callable(a['log'])
