@@ -18,14 +18,14 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 # %% auto #0
 __all__ = ['EMBEDDED_MODEL', 'EMBEDDED_NAME', 'MOVED_MODELS', 'PIPELINE_KINDS', 'EXTRA_FIELDS', 'SAMPLER_NAMES', 'A1111_SAMPLERS',
-           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_IMAGES', 'CONTROL_FIELDS', 'MAX_AREA',
-           'image_grid', 'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model', 'quiet_loading',
-           'loading_error', 'load_pipeline', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings', 'load_lora',
-           'lora_record', 'generators', 'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec', 'scheduler_for',
-           'make_scheduler', 'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote', 'check_size',
-           'control_id', 'check_control_image', 'check_call', 'Generation', 'pipe_defaults', 'prompts_for', 'pipe_lock',
-           'generate', 'control_settings', 'quote', 'format_parameters', 'parse_parameters', 'atomic_dir',
-           'atomic_file', 'save_pipeline', 'save_image', 'exif_parameters', 'read_settings', 'replaying',
+           'A1111_MISSING', 'SCHEDULE_TYPES', 'SCHEDULE_MISSING', 'MAX_CONTROL_SCALE', 'MAX_IMAGES', 'CONTROL_FIELDS',
+           'MAX_AREA', 'image_grid', 'default_device', 'check_device', 'choose_dtype', 'gpu_cell', 'resolve_model',
+           'quiet_loading', 'loading_error', 'load_pipeline', 'Extra', 'pipe_extras', 'add_extra', 'extra_settings',
+           'load_lora', 'lora_record', 'generators', 'seeds_for', 'split_sampler', 'sampler_name', 'scheduler_spec',
+           'scheduler_for', 'make_scheduler', 'hooked_step', 'check_guidance', 'pipe_params', 'check_steps', 'SizeNote',
+           'check_size', 'control_id', 'check_control_image', 'check_call', 'Generation', 'pipe_defaults',
+           'prompts_for', 'pipe_lock', 'generate', 'control_settings', 'quote', 'format_parameters', 'parse_parameters',
+           'atomic_dir', 'atomic_file', 'save_pipeline', 'save_image', 'exif_parameters', 'read_settings', 'replaying',
            'check_record', 'replay']
 
 # %% ../nbs/00_core.ipynb #41654025
@@ -333,7 +333,8 @@ def load_pipeline(model: str | os.PathLike | Any | None = None, # Hub id, local 
 # runs its check first; `replaying` warns when a record names extras the pipeline lacks (or the other way round).
 # A new kind of extra: an entry in EXTRA_FIELDS (its field and how to load it) and `add_extra` where it is loaded.
 EXTRA_FIELDS = {'Lora hashes': "load the LoRA first: load_lora(pipe, FOLDER); for an LCM-LoRA, "
-                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)"}
+                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)",
+                'Flow schedule': "sample with it: sd_intro.flow.even_steps(pipe)"}
 
 @dataclass
 class Extra:
@@ -379,6 +380,11 @@ def load_lora(pipe,              # a loaded Stable Diffusion pipeline (the LoRA 
                                     f"`save_lora_weights` (e.g. a fine-tune's out/lora), its .safetensors file, or a Hub id")
         record = str(lora)
         if local.exists(): lora, record = str(local), lora_record(local, kwargs.get('weight_name'))
+        if getattr(getattr(pipe, 'unet', None), 'sd_intro_objective', None) == 'flow' and \
+                (local / 'distill.json').is_file(): raise ValueError(
+            f"lora={str(local)!r} is an LCM-LoRA (it has distill.json): it was distilled from a noise-predicting (DDPM) "
+            f"model for LCMScheduler, and this pipeline's UNet is a flow-matching model. Load it on the DDPM model "
+            f"(sd_intro.distill.lcm_pipeline()); the flow model draws in few steps with its own scheduler")
     quiet = _NoTextEncoderLoraNote()
     loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split('.')[0] == 'diffusers']
     for lg in loggers: lg.addFilter(quiet)   # where the note is made, so no handler anywhere prints it
@@ -607,6 +613,8 @@ def control_id(control) -> str:
     a = np.asarray(control.convert('RGB') if isinstance(control, Image.Image) else control)
     return 'c' + hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:11]
 
+MAX_CONTROL_SCALE = 2.0   # a ControlNet is trained at conditioning scale 1.0 and used from 0 to about this; above: a warning
+
 def check_control_image(control,              # PIL image, H x W (x 3) uint8 array, a path, or a list of them (one per image)
                         pipe=None,            # the ControlNet pipeline (for its picture size)
                         what: str = 'image',  # the keyword it came in (`image`, or `control_image` for img2img/inpainting)
@@ -630,7 +638,15 @@ def check_control_image(control,              # PIL image, H x W (x 3) uint8 arr
         if c.dtype != np.uint8 or c.ndim not in (2, 3) or (c.ndim == 3 and c.shape[-1] != 3): raise TypeError(
             f"{what} is an array of {c.dtype} with shape {c.shape}; pass an H x W x 3 (or H x W) uint8 array, or a PIL image")
         c = Image.fromarray(c)
-    if torch.is_tensor(c): return c   # diffusers' own tensors in [0, 1] go as they are
+    if torch.is_tensor(c):   # diffusers' own tensors in [0, 1] go as they are, at the pictures' size
+        if (pipe is not None or size is not None) and c.ndim >= 2:
+            d = pipe_defaults(pipe) if pipe is not None else {}
+            w, h = size or (d['width'], d['height'])
+            if tuple(c.shape[-2:]) != (h, w): raise ValueError(
+                f"{what} is a tensor of {c.shape[-1]}x{c.shape[-2]} pixels but the pictures are {w}x{h}: the ControlNet "
+                f"reads its control at the picture's size (diffusers would stretch it silently); resize it, e.g. "
+                f"torch.nn.functional.interpolate({what}, size=({h}, {w}))")
+        return c
     if not isinstance(c, Image.Image): raise TypeError(
         f"{what} is a {type(c).__name__}; pass the control picture as a PIL image, a uint8 array or a path")
     if c.mode in ('RGBA', 'LA', 'PA') or (c.mode == 'P' and 'transparency' in c.info): raise ValueError(
@@ -720,8 +736,17 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         kwargs[key] = check_control_image(kwargs.get(key), pipe, key, len(prompts), size)
         sc = kwargs.get('controlnet_conditioning_scale', 1.0)
         if not _real(sc) or sc < 0: raise ValueError(f"controlnet_conditioning_scale={sc!r}: use 0 (no control) or more (1.0 is usual)")
+        if sc > MAX_CONTROL_SCALE: warnings.warn(
+            f"controlnet_conditioning_scale={sc}: far above the 1.0 a ControlNet is trained at (it is used from 0 to about "
+            f"{MAX_CONTROL_SCALE:g}); if you meant a share, 0.5 is half", stacklevel=3)
         kwargs['controlnet_conditioning_scale'] = float(sc)   # diffusers takes a float only
     sched = getattr(pipe, 'scheduler', None)
+    if getattr(getattr(pipe, 'unet', None), 'sd_intro_objective', None) == 'flow' and \
+            type(sched).__name__ != 'FlowMatchEulerDiscreteScheduler': raise ValueError(
+        f"generate: this pipeline's UNet is a flow-matching model (it predicts a velocity), but its scheduler is "
+        f"{type(sched).__name__}, which samples noise-predicting (DDPM) models and feeds it the wrong inputs: give it a "
+        f"FlowMatchEulerDiscreteScheduler (sd_intro.flow.load_flow(), or flow_pipeline(pipe, pipe.unet)); a record made "
+        f"on a DDPM model replays on that model (load_pipeline())")
     if type(sched).__name__ == 'PNDMScheduler' and not sched.config.get('skip_prk_steps') and num_inference_steps < 4:
         raise ValueError(f"num_inference_steps={num_inference_steps}: PLMS (PNDMScheduler) with Runge-Kutta warm-up "
                          f"steps needs at least 4; raise the steps, or use it as SD checkpoints ship it: "
@@ -851,6 +876,8 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
             if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
         if getattr(pipe, 'controlnet', None) is not None: st.update(control_settings(pipe, kwargs, len(settings)))
         if kwargs.get('clip_skip'): st['clip_skip'] = kwargs['clip_skip'] + 1   # the web UI counts the last layer as 1
+        if 'shift' in getattr(pipe.scheduler, 'config', {}) and type(pipe.scheduler).__name__.startswith('FlowMatch'):
+            st['shift'] = float(pipe.scheduler.config.shift)   # a flow model's schedule: another shift, another picture
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
 
@@ -880,7 +907,7 @@ def format_parameters(s: dict) -> str:
     if sampler and not schedule: sampler, schedule = split_sampler(sampler)   # today's web UI: 'Schedule type: Karras'
     kv = [('Steps', s.get('steps')), ('Sampler', sampler), ('Schedule type', schedule), ('CFG scale', s.get('guidance_scale')),
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
-          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
+          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')), ('Shift', s.get('shift')),
           ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
     kv += [(k, s.get(f)) for f, k in CONTROL_FIELDS.items()]
     kv += list((s.get('extras') or {}).items()) + list((s.get('extra') or {}).items())
@@ -933,6 +960,7 @@ def parse_parameters(text: str) -> dict:
         elif k == 'Model': s['model'] = v
         elif k == 'Denoising strength' and not hires: s['strength'] = _number(k, v, float)
         elif k == 'Clip skip': s['clip_skip'] = _number(k, v)
+        elif k == 'Shift': s['shift'] = _number(k, v, float)
         elif k == 'Mask': s['mask'] = v
         elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
         elif k in EXTRA_FIELDS: s.setdefault('extras', {})[k] = v   # what was loaded onto the pipeline (a LoRA, ...)
@@ -1100,8 +1128,14 @@ def replaying(pipe,            # the pipeline that will replay
     for k, v in (('sampler', name), ('schedule_type', schedule)):
         if v is not None and not isinstance(v, str): raise TypeError(f"{what}: {k}={v!r} is not a name")
     with pipe_lock(pipe):
-        old = pipe.scheduler
-        if name or schedule: pipe.scheduler = make_scheduler(name or type(old).__name__, old.config, schedule)
+        old = new = pipe.scheduler
+        if (name or schedule) and not (name == sampler_name(old) and not schedule):   # the pipeline's own: kept as it is
+            new = make_scheduler(name or type(old).__name__, {**old.config, '_class_name': type(old).__name__}, schedule)
+        shift = settings.get('shift')
+        if shift is not None and 'shift' in new.config and new.config.shift != shift:   # a flow picture's schedule
+            new = type(new).from_config(new.config, shift=float(shift))
+        if not hasattr(new, 'init_noise_sigma'): new.init_noise_sigma = getattr(old, 'init_noise_sigma', 1.0)
+        pipe.scheduler = new
         try: yield pipe
         finally: pipe.scheduler = old
 
@@ -1127,6 +1161,11 @@ def check_record(s: dict, # settings, as `read_settings` gives them
     if w * h > MAX_AREA * d['width'] * d['height']: bad('Size', f"{w}x{h}",
         f"is {w * h / (d['width'] * d['height']):.0f} times the area this model was trained at ({d['width']}x{d['height']}); "
         f"it would run for minutes and draw repeated shapes; at most {MAX_AREA} times is replayed")
+    if 'control_scale' in s and not (_real(s['control_scale']) and s['control_scale'] >= 0):
+        bad('Control scale', s['control_scale'], "is not a number from 0 (no control) up (1.0 is usual)")
+    for f, field in (('control_guidance_start', 'Control start'), ('control_guidance_end', 'Control end')):
+        if f in s and not (_real(s[f]) and 0 <= s[f] <= 1): bad(field, s[f], "is not a share of the steps, from 0 to 1")
+    if 'shift' in s and not (_real(s['shift']) and s['shift'] > 0): bad('Shift', s['shift'], "is not a positive number")
     layers = getattr(getattr(getattr(pipe, 'text_encoder', None), 'config', None), 'num_hidden_layers', None)
     cs = s.get('clip_skip', 1)
     if not (_whole(cs) and 1 <= cs <= (layers or cs)):
@@ -1151,6 +1190,10 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
         f"replay: these settings are from inpainting (mask {s['mask']}), and a PNG holds neither the starting image "
         f"nor the mask: pass image= and mask_image= (`sd_intro.inpainting.save_inpainting` writes them beside the "
         f"picture, and `replay_inpainting` reads them back)")
+    if 'strength' in s and type(getattr(pipe, 'scheduler', None)).__name__ == 'FlowMatchEulerDiscreteScheduler':
+        raise ValueError(f"replay: these settings are from img2img on a flow model (strength {s['strength']}): make the "
+                         f"picture again with sd_intro.flow.flow_img2img(pipe, image, prompt, strength=, seed=, "
+                         f"num_inference_steps=, guidance_scale=) and the record's values")
     if 'strength' in s and image is None: raise ValueError(
         f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
         f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
@@ -1165,6 +1208,12 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
     check_record(s, pipe)
     controlled = getattr(pipe, 'controlnet', None) is not None
     if 'control' in s or controlled or control_image is not None:
+        webui = [k for k in (s.get('extra') or {}) if re.fullmatch(r'ControlNet( \d+)?', k)]
+        if 'control' not in s and webui: raise ValueError(
+            f"replay: these settings are from the web UI's ControlNet extension ({webui[0]}: {s['extra'][webui[0]][:80]}), "
+            f"which records its model and weight but no fingerprint of the control picture, so they are not replayed "
+            f"here: run generate(cpipe, prompt, image=control, controlnet_conditioning_scale=its Weight, ...) with the "
+            f"record's values")
         if 'control' not in s: raise ValueError(
             "replay: these settings were made without a ControlNet: replay them on a pipeline without one" if controlled else
             "replay: control_image= was given, but these settings were made without a ControlNet; leave it out")

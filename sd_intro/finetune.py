@@ -694,14 +694,16 @@ def _pid_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def run_lock(out: str | os.PathLike, # the run folder (created if needed)
-             hold: bool = True       # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
+             hold: bool = True,      # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
+             what: str = 'fine-tuning' # the kind of run, as a refused one is told ('ControlNet training', 'flow-matching')
             ):
     "Hold run folder `out` while a run writes in it: a second run is refused; a lock left by a crashed run (its process gone) is taken over."
     out = Path(out)
     if not hold: yield; return
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock, me = out / '.sd_intro.lock', dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))
+    lock, me = out / '.sd_intro.lock', dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'),
+                                            run=what)
     tmp = out / f".sd_intro.lock.{os.getpid()}.{time.monotonic_ns()}"
     tmp.write_text(json.dumps(me))
     try:
@@ -721,7 +723,7 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
                               f"started {other.get('since')}); its checkpoints are kept")
                 continue
             who = f"process {pid} on {host}, started {other.get('since')}" if pid else "an unknown process"
-            raise RuntimeError(f"{out} is in use by another fine-tuning run ({who}): wait for it to finish, or choose "
+            raise RuntimeError(f"{out} is in use by another {other.get('run') or 'training'} run ({who}): wait for it to finish, or choose "
                                f"another out folder. If no run is going (e.g. it was on another machine that crashed), "
                                f"delete {lock}")
         else: raise RuntimeError(f"{out}: could not take the run lock {lock}; try again")
