@@ -723,7 +723,7 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
                               f"started {other.get('since')}); its checkpoints are kept")
                 continue
             who = f"process {pid} on {host}, started {other.get('since')}" if pid else "an unknown process"
-            raise RuntimeError(f"{out} is in use by another {other.get('run') or 'training'} run ({who}): wait for it to finish, or choose "
+            raise RuntimeError(f"{out} is in use by another {other.get('run') or what} run ({who}): wait for it to finish, or choose "
                                f"another out folder. If no run is going (e.g. it was on another machine that crashed), "
                                f"delete {lock}")
         else: raise RuntimeError(f"{out}: could not take the run lock {lock}; try again")
