@@ -529,6 +529,9 @@ def train_controlnet(out: str | os.PathLike,   # run folder: checkpoints/, snaps
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
     _check_out(out)
+    if getattr(getattr(model, 'unet', None), 'sd_intro_objective', None) == 'flow': raise ValueError(
+        "model is a flow-matching model (load_flow): a ControlNet is trained here with the noise-prediction (DDPM) "
+        "objective beside a DDPM UNet; pass a DDPM model (None for the embedded one)")
     acc = accelerator or _accelerator()
     with run_lock(out, hold=acc.is_main_process, what='ControlNet training'):
         return _train(out, model, cfg, acc)

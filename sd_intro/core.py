@@ -233,6 +233,9 @@ def loading_error(model: str,     # the model that failed to load (a folder or a
     "The error to raise for a model that failed to load: it names the folder, the part missing or broken, and the fix."
     model = str(model)
     local = Path(model).expanduser()
+    if (local / 'flow.json').is_file() and not (local / 'model_index.json').is_file(): return FileNotFoundError(
+        f"model={model!r} is a flow-matching model's folder (unet/ and scheduler/, no model_index.json): load it with "
+        f"sd_intro.flow.load_flow({model!r}); the DDPM lessons and trainers take a Stable Diffusion pipeline folder")
     if (local / 'model_index.json').is_file():   # a pipeline folder, but something in it is broken
         try: listed = [k for k, v in json.loads((local / 'model_index.json').read_text()).items()
                        if not k.startswith('_') and isinstance(v, list) and v[0] is not None]

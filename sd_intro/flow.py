@@ -394,6 +394,8 @@ def flow_latents(out: Path, vae, n_images: int, data_seed: int, log=print):
     if f.exists() and meta.exists():
         try:
             t, m = load_file(str(f)), json.loads(meta.read_text())
+            if 'digest' in m and m['digest'] != state_digest(dict(m, digest=None), t):   # (caches before the digest: as they are)
+                raise ValueError("its scenes or latents are not as the run wrote them (edited, or files of two caches)")
             if m.get('n_images') == n_images and m.get('data_seed') == data_seed and len(t['means']) == n_images:
                 return t['means'], t['stds'], [Scene(**d) for d in m['scenes']]
             raise ValueError(f"made for n_images={m.get('n_images')}, data_seed={m.get('data_seed')}")
@@ -402,8 +404,11 @@ def flow_latents(out: Path, vae, n_images: int, data_seed: int, log=print):
                              f"and they are made again (about a minute per 10,000 pictures)") from e
     log(f"encoding {n_images} pictures (data_seed={data_seed}) into latents")
     means, stds, scenes = cache_latents(vae, n_images, seed=data_seed)
-    with atomic_file(meta) as tmp: tmp.write_text(json.dumps(dict(n_images=n_images, data_seed=data_seed, scenes=[asdict(s) for s in scenes])))
-    with atomic_file(f) as tmp: save_file(dict(means=means.contiguous(), stds=stds.contiguous()), str(tmp))
+    t = dict(means=means.contiguous(), stds=stds.contiguous())
+    m = dict(n_images=n_images, data_seed=data_seed, scenes=[asdict(s) for s in scenes])
+    m['digest'] = state_digest(dict(m, digest=None), t)
+    with atomic_file(meta) as tmp: tmp.write_text(json.dumps(m))
+    with atomic_file(f) as tmp: save_file(t, str(tmp))
     return means, stds, scenes
 
 def _flow_batch(means, stds, scenes, sf, step, cfg):

@@ -379,3 +379,23 @@ def test_flow_records_replay_to_the_same_picture(flow, pipe, tmp_path):
         warnings.simplefilter('ignore'); i2i = flow_img2img(flow, r[0], prompt, strength=0.6, num_inference_steps=5)
     for image in (None, r[0]):
         with pytest.raises(ValueError, match='img2img on a flow model.*flow_img2img'): replay(i2i.settings[0], flow, image=image)
+
+
+def test_ddpm_trainers_and_loaders_refuse_the_flow_model(flow, tmp_path):
+    import sd_intro.finetune as ft
+    from sd_intro.controlnet import train_controlnet
+    from sd_intro.core import load_pipeline
+    from sd_intro.distill import distill
+    with pytest.raises(ValueError, match='flow-matching model'): ft.finetune(tmp_path / 'data', tmp_path / 'ft', model=flow, steps=1)
+    with pytest.raises(ValueError, match='flow-matching model'): train_controlnet(tmp_path / 'cn', model=flow, steps=1, progress=False)
+    for call in (lambda: load_pipeline(FLOW_MODEL), lambda: distill(tmp_path / 'lcm', model=FLOW_MODEL, log=None, steps=1)):
+        with pytest.raises(FileNotFoundError, match=r"flow-matching model's folder.*load_flow"): call()
+    assert not (tmp_path / 'ft').exists() and not (tmp_path / 'cn').exists() and not (tmp_path / 'lcm').exists()
+
+
+def test_an_edited_latent_cache_is_named(tmp_path):
+    out = tmp_path / 'run'
+    train_flow(out, stop_at=1, log=None, **TINY)
+    m = json.loads((out / 'latents.json').read_text()); m['scenes'][0]['x'] = round(m['scenes'][0]['x'] + 0.01, 4)
+    (out / 'latents.json').write_text(json.dumps(m))   # (a changed scene changes the captions a resumed run trains on)
+    with pytest.raises(ValueError, match=r'latents.*not as the run wrote them.*delete both files'): train_flow(out, log=None, **TINY)

@@ -871,6 +871,42 @@ def a_controlnet_record_replayed_on_a_plain_pipeline_is_refused():
     return refused(lambda: replay(r.settings[0], base()), 'ControlNet pipeline', kind=ValueError)
 
 
+@probe('cn/flow: models')
+def controlnet_training_on_the_flow_model_is_refused():
+    from sd_intro.controlnet import train_controlnet
+    out = T / 'cn-on-flow'
+    return refused(lambda: _quiet(lambda: train_controlnet(out, model=flow(), **dict(CN, steps=1, validation_images=0))), 'flow')
+
+
+@probe('cn/flow: models')
+def finetuning_the_flow_model_is_refused():
+    import sd_intro.finetune as ft
+    return refused(lambda: _quiet(lambda: ft.finetune(data(), T / 'ft-on-flow', model=flow(), **dict(FT, steps=1, validation_prompts=()))), 'flow')
+
+
+@probe('cn/flow: models')
+def distilling_the_flow_model_is_refused():
+    from sd_intro.distill import distill
+    from sd_intro.flow import FLOW_MODEL
+    return refused(lambda: _quiet(lambda: distill(T / 'd-on-flow', model=FLOW_MODEL, log=None, **dict(TINY, steps=1))), 'load_flow')
+
+
+@probe('cn/flow: load')
+def load_pipeline_on_a_flow_folder_names_load_flow():
+    from sd_intro.core import load_pipeline
+    from sd_intro.flow import FLOW_MODEL
+    return refused(lambda: load_pipeline(FLOW_MODEL), 'load_flow')
+
+
+@probe('cn/flow: damaged or edited state')
+def flow_edited_latent_cache_is_named():
+    from sd_intro.flow import train_flow
+    out = T / 'fl-lat'; train_flow(out, stop_at=1, log=None, **FLOW)
+    m = json.loads((out / 'latents.json').read_text()); m['scenes'][0]['x'] = round(m['scenes'][0]['x'] + 0.01, 4)
+    (out / 'latents.json').write_text(json.dumps(m))
+    return refused(lambda: train_flow(out, log=None, **FLOW), 'latents', 'delete')
+
+
 @probe('cn/flow: load')
 def load_controlnet_missing_folder():
     from sd_intro.controlnet import load_controlnet
