@@ -526,6 +526,50 @@ def a_finished_flow_run_run_again_says_so():
     return any('finished' in l or 'already' in l for l in lines), '; '.join(lines)[:160] or 'ran again without a word'
 
 
+def _kill_when(cmd, mark, timeout=600):
+    "Run `cmd` in a fresh process and kill -9 it as soon as `mark` exists (or when it ends by itself)."
+    import subprocess, signal, time as _t
+    p = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = _t.time()
+    while not mark.exists() and p.poll() is None and _t.time() - t < timeout: _t.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+
+
+@probe('cn/flow: resume')
+def controlnet_killed_while_validating_resumes_bit_identically():
+    from safetensors.torch import load_file
+    from sd_intro.controlnet import train_controlnet
+    if not (T / 'cn-whole' / 'controlnet').exists(): _quiet(lambda: train_controlnet(T / 'cn-whole', **CN))
+    out = T / 'cn-kill'
+    args = [sys.executable, '-m', 'sd_intro.controlnet', '--out', str(out), '--threads', '1', '--no-progress'] + \
+           [a for k, v in CN.items() if k != 'progress' for a in ('--' + k.replace('_', '-'), str(v))]
+    _kill_when(args, out / 'validation' / 'step-000001.png')   # killed with the step-1 strip written, its checkpoint maybe not
+    if (out / 'controlnet').exists(): return False, 'the run finished before the kill'
+    try: _quiet(lambda: train_controlnet(out, resume=True, **CN))
+    except Exception as e: return False, f"{type(e).__name__}: {str(e)[:120]}"
+    a, b = (load_file(str(p / 'controlnet' / 'diffusion_pytorch_model.safetensors')) for p in (T / 'cn-whole', out))
+    va, vb = ({q.name: np.asarray(Image.open(q)) for q in sorted((p / 'validation').glob('*.png'))} for p in (T / 'cn-whole', out))
+    same = all(torch.equal(a[k], b[k]) for k in a) and list(va) == list(vb) and all(np.array_equal(va[k], vb[k]) for k in va)
+    return same, 'weights and validation strips equal' if same else 'differ'
+
+
+@probe('cn/flow: resume')
+def flow_killed_while_validating_resumes_bit_identically():
+    from sd_intro.flow import train_flow
+    if not (T / 'fl-whole' / 'model').exists(): train_flow(T / 'fl-whole', log=None, **FLOW)
+    out = T / 'fl-kill'
+    args = [sys.executable, '-m', 'sd_intro.flow', '--out', str(out), '--threads', '1'] + \
+           [a for k, v in FLOW.items() for a in ('--' + k.replace('_', '-'), str(v))]
+    _kill_when(args, out / 'validation' / 'step-000001.png')
+    if (out / 'model').exists(): return False, 'the run finished before the kill'
+    try: train_flow(out, log=None, **FLOW)
+    except Exception as e: return False, f"{type(e).__name__}: {str(e)[:120]}"
+    f = lambda p: (p / 'model' / 'unet' / 'diffusion_pytorch_model.safetensors').read_bytes()
+    v = lambda p: {q.name: q.read_bytes() for q in sorted((p / 'validation').glob('*.png'))}
+    same = f(T / 'fl-whole') == f(out) and v(T / 'fl-whole') == v(out)
+    return same, 'weights and validation pictures equal' if same else 'differ'
+
+
 @probe('cn/flow: files')
 def controlnet_run_keeps_users_run_json():
     from sd_intro.controlnet import train_controlnet
