@@ -1137,6 +1137,9 @@ def replaying(pipe,            # the pipeline that will replay
         shift = settings.get('shift')
         if shift is not None and 'shift' in new.config and new.config.shift != shift:   # a flow picture's schedule
             new = type(new).from_config(new.config, shift=float(shift))
+        elif shift is not None and 'shift' not in new.config: warnings.warn(
+            f"{what} hold 'Shift: {shift}', a flow-matching schedule's setting; this pipeline's {type(new).__name__} "
+            f"has none, so it is not applied and the picture will differ")
         if not hasattr(new, 'init_noise_sigma'): new.init_noise_sigma = getattr(old, 'init_noise_sigma', 1.0)
         pipe.scheduler = new
         try: yield pipe

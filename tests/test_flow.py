@@ -399,3 +399,11 @@ def test_an_edited_latent_cache_is_named(tmp_path):
     m = json.loads((out / 'latents.json').read_text()); m['scenes'][0]['x'] = round(m['scenes'][0]['x'] + 0.01, 4)
     (out / 'latents.json').write_text(json.dumps(m))   # (a changed scene changes the captions a resumed run trains on)
     with pytest.raises(ValueError, match=r'latents.*not as the run wrote them.*delete both files'): train_flow(out, log=None, **TINY)
+
+
+def test_a_shift_on_a_ddpm_pipeline_is_not_dropped_silently(pipe):
+    from sd_intro.core import parse_parameters, replay
+    s = parse_parameters('a red circle\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Shift: 3')
+    assert s['shift'] == 3.0
+    with pytest.warns(UserWarning, match="'Shift: 3.0'.*not applied"): replay(s, pipe)
+    with pytest.raises(ValueError, match=r"the record's 'Shift: -1.0'"): replay(dict(s, shift=-1.0), pipe)
