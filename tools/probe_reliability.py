@@ -1,5 +1,8 @@
 """Probe round of issue 31: bad inputs and faults a new user meets, each judged 'holds' or 'fails'.
 
+The classes starting 'cn/flow' apply them to lesson 8's ControlNet and lesson 9's flow-matching model
+(`--only cn/flow` runs just those, about 8 minutes on 2 busy cores).
+
 Usage: PYTHONPATH=<a checkout> python tools/probe_reliability.py [--only WORD]
 Runs against whichever `sd_intro` is imported (so the same probes measure an older checkout), on the embedded model, on
 the CPU, in a temporary folder; prints one line per probe and the counts per class. Takes a few minutes on 2 cores.
