@@ -23,56 +23,12 @@ from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable,
 
 # %% auto #0
 __all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'from_drawing', 'make_controlnet',
-           'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou', 'ControlScores',
-           'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled', 'edge_map',
-           'load_controlnet', 'controlnet_pipeline', 'control_mask', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'ControlNetResult', 'train_controlnet', 'snapshot_steps', 'iou_by_step', 'main']
-
-# %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'from_drawing', 'make_controlnet',
-           'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou', 'ControlScores',
-           'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled', 'edge_map',
-           'load_controlnet', 'controlnet_pipeline', 'control_mask', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
-           'iou_by_step', 'main']
-
-# %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'from_drawing', 'make_controlnet',
-           'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou', 'ControlScores',
-           'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled', 'edge_map',
-           'load_controlnet', 'controlnet_pipeline', 'control_mask', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
-           'iou_by_step', 'main']
-
-# %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'from_drawing', 'make_controlnet',
-           'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou', 'ControlScores',
-           'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled', 'edge_map',
-           'load_controlnet', 'controlnet_pipeline', 'control_mask', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
-           'iou_by_step', 'main']
-
-# %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask', 'from_drawing',
-           'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou',
-           'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled',
-           'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
-           'iou_by_step', 'main']
-
-# %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask', 'from_drawing',
-           'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls', 'control_iou',
-           'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled', 'replay_controlled',
-           'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig', 'resumable_checkpoint',
-           'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'snapshot_steps',
-           'iou_by_step', 'main']
+           'RESULT_FILES', 'RUN_RECORDS', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask',
+           'from_drawing', 'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls',
+           'control_iou', 'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled',
+           'replay_controlled', 'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig',
+           'resumable_checkpoint', 'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet',
+           'snapshot_steps', 'iou_by_step', 'main']
 
 # %% ../nbs/08_controlnet.ipynb #controls
 CONTROL_KINDS = ('silhouette', 'outline', 'scribble')
@@ -365,6 +321,13 @@ def load_controlnet(path: str | os.PathLike | None = None, # a folder written by
     if Path(path).is_dir() and not (Path(path) / 'config.json').is_file(): raise ValueError(
         f"controlnet={path!r} has no config.json: it is not a ControlNet saved with save_pretrained (a training run "
         f"keeps its result in out/controlnet)")
+    if Path(path).is_dir():
+        try: kind = json.loads((Path(path) / 'config.json').read_text()).get('_class_name')
+        except (ValueError, AttributeError) as e: raise ValueError(
+            f"controlnet={path!r}: its config.json is damaged ({e}); save the ControlNet again (save_pretrained)") from None
+        if kind not in (None, 'ControlNetModel'): raise ValueError(
+            f"controlnet={path!r} holds a {kind}, not a ControlNetModel: pass a ControlNet's folder (a training run "
+            f"keeps its result in out/controlnet)")
     cn = ControlNetModel.from_pretrained(path, use_safetensors=True, **kwargs)
     cn.sd_intro_model = CONTROLNET_NAME if Path(path).resolve() == Path(CONTROLNET_MODEL).resolve() else path
     return cn
@@ -379,6 +342,9 @@ def controlnet_pipeline(pipe,                  # a loaded pipeline of the base m
     if not hasattr(pipe, 'components'): raise TypeError(f"pipe is a {type(pipe).__name__}; pass a loaded pipeline (load_pipeline())")
     if controlnet is None or isinstance(controlnet, (str, os.PathLike)): controlnet = load_controlnet(controlnet)
     unet = pipe.unet
+    if type(pipe.scheduler).__name__.startswith('FlowMatch') or getattr(unet, 'sd_intro_objective', None) == 'flow':
+        raise ValueError("pipe is a flow-matching model (its UNet predicts a velocity); a ControlNet is trained beside a "
+                         "noise-predicting (DDPM) UNet and steers only that one: pass the DDPM model (load_pipeline())")
     if controlnet.config.block_out_channels != unet.config.block_out_channels or \
             controlnet.config.cross_attention_dim != unet.config.cross_attention_dim: raise ValueError(
         f"this ControlNet was made for another UNet (blocks {list(controlnet.config.block_out_channels)}, text width "
@@ -478,10 +444,26 @@ def resumable_checkpoint(out: str | os.PathLike) -> tuple[Path, tuple] | None:
 
 # %% ../nbs/08_controlnet.ipynb #clear
 RESULT_FILES = ('config.json', 'diffusion_pytorch_model.safetensors')
+RUN_RECORDS = ('run.json', 'history.json', 'validation.png')   # the files a run writes at the top of its folder
+
+def _ours(out: Path) -> bool:
+    "Whether `out`/run.json is a ControlNet run's record."
+    try: run = json.loads((out / 'run.json').read_text())
+    except (OSError, ValueError): return False
+    return isinstance(run, dict) and {'conditioning_channels', 'kinds', 'fingerprint'} <= set(run)
+
+def _check_out(out: Path):
+    "Refuse a run folder whose run.json, history.json or validation.png a ControlNet run did not write (a run replaces them)."
+    if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
+    theirs = [f for f in RUN_RECORDS if (out / f).exists()]
+    if theirs and not _ours(out): raise FileExistsError(
+        f"out={str(out)!r} holds {theirs}, which a ControlNet run writes, but its run.json is not a ControlNet run's: "
+        f"nothing there is touched. Move them away, or choose a new or empty folder")
 
 def clear_run(out: str | os.PathLike):
     "Remove what a ControlNet run wrote in `out` (checkpoints, snapshots, validation images, history, result) and nothing else."
     out = Path(out)
+    _check_out(out)
     res = out / 'controlnet'
     if res.is_dir():
         other = sorted(p.name for p in res.iterdir() if p.name not in RESULT_FILES)
@@ -543,8 +525,12 @@ def train_controlnet(out: str | os.PathLike,   # run folder: checkpoints/, snaps
     cfg = ControlNetConfig.make(config, **kwargs)
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
+    _check_out(out)
+    if getattr(getattr(model, 'unet', None), 'sd_intro_objective', None) == 'flow': raise ValueError(
+        "model is a flow-matching model (load_flow): a ControlNet is trained here with the noise-prediction (DDPM) "
+        "objective beside a DDPM UNet; pass a DDPM model (None for the embedded one)")
     acc = accelerator or _accelerator()
-    with run_lock(out, hold=acc.is_main_process):
+    with run_lock(out, hold=acc.is_main_process, what='ControlNet training'):
         return _train(out, model, cfg, acc)
 
 def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
@@ -679,13 +665,15 @@ def iou_by_step(cpipe,                      # a ControlNet pipeline of the run's
     "Mean IoU of the held-out controls with the weights of each snapshot of a run: when the control 'clicks'."
     steps = snapshot_steps(out) if steps is None else list(steps)
     if not steps: raise FileNotFoundError(f"{out}: no snapshots/step-*.safetensors; train with checkpoint_every= to keep them")
-    keep = {k: v.clone() for k, v in cpipe.controlnet.state_dict().items()}
+    from sd_intro.core import pipe_lock
     res = {}
-    try:
-        for s in steps:
-            cpipe.controlnet.load_state_dict(load_file(str(Path(out) / 'snapshots' / f"step-{s:06d}.safetensors")))
-            res[s] = control_scores(cpipe, controls, prompts, 1.0, **kwargs).mean_iou
-    finally: cpipe.controlnet.load_state_dict(keep)
+    with pipe_lock(cpipe):   # the weights are swapped: no other thread draws with this ControlNet meanwhile
+        keep = {k: v.clone() for k, v in cpipe.controlnet.state_dict().items()}
+        try:
+            for s in steps:
+                cpipe.controlnet.load_state_dict(load_file(str(Path(out) / 'snapshots' / f"step-{s:06d}.safetensors")))
+                res[s] = control_scores(cpipe, controls, prompts, 1.0, **kwargs).mean_iou
+        finally: cpipe.controlnet.load_state_dict(keep)
     return res
 
 # %% ../nbs/08_controlnet.ipynb #run

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00e_lib_core.ipynb #7ea36ad0
 from __future__ import annotations
-import difflib, functools, inspect, math, os, threading, warnings, weakref
+import difflib, functools, inspect, math, os, re, threading, warnings, weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +27,7 @@ __all__ = ['MAX_IMAGES', 'MAX_AREA', 'hooked_step', 'check_guidance', 'pipe_para
 # %% ../nbs/00e_lib_core.ipynb #1d4f39be
 # What core held before it was split by concern (issue 28), re-exported: `from sd_intro.core import X` keeps
 # working. New code imports them from where they live.
-from .images import (image_grid, control_id, check_control_image, load_image, check_mask,
+from .images import (image_grid, control_id, check_control_image, MAX_CONTROL_SCALE, load_image, check_mask,
                              check_inpaint_inputs, mask_id)
 from .records import (Generation, EXTRA_FIELDS, SAMPLER_NAMES, A1111_SAMPLERS, A1111_MISSING,
                               SCHEDULE_TYPES, SCHEDULE_MISSING, split_sampler, sampler_name, quote,
@@ -180,8 +180,17 @@ def check_call(pipe, prompts: list, negative_prompt, num_inference_steps: int, k
         kwargs[key] = check_control_image(kwargs.get(key), pipe, key, len(prompts), size)
         sc = kwargs.get('controlnet_conditioning_scale', 1.0)
         if not is_real(sc) or sc < 0: raise ValueError(f"controlnet_conditioning_scale={sc!r}: use 0 (no control) or more (1.0 is usual)")
+        if sc > MAX_CONTROL_SCALE: warnings.warn(
+            f"controlnet_conditioning_scale={sc}: far above the 1.0 a ControlNet is trained at (it is used from 0 to about "
+            f"{MAX_CONTROL_SCALE:g}); if you meant a share, 0.5 is half", stacklevel=3)
         kwargs['controlnet_conditioning_scale'] = float(sc)   # diffusers takes a float only
     sched = getattr(pipe, 'scheduler', None)
+    if getattr(getattr(pipe, 'unet', None), 'sd_intro_objective', None) == 'flow' and \
+            type(sched).__name__ != 'FlowMatchEulerDiscreteScheduler': raise ValueError(
+        f"generate: this pipeline's UNet is a flow-matching model (it predicts a velocity), but its scheduler is "
+        f"{type(sched).__name__}, which samples noise-predicting (DDPM) models and feeds it the wrong inputs: give it a "
+        f"FlowMatchEulerDiscreteScheduler (sd_intro.flow.load_flow(), or flow_pipeline(pipe, pipe.unet)); a record made "
+        f"on a DDPM model replays on that model (load_pipeline())")
     if type(sched).__name__ == 'PNDMScheduler' and not sched.config.get('skip_prk_steps') and num_inference_steps < 4:
         raise ValueError(f"num_inference_steps={num_inference_steps}: PLMS (PNDMScheduler) with Runge-Kutta warm-up "
                          f"steps needs at least 4; raise the steps, or use it as SD checkpoints ship it: "
@@ -306,6 +315,8 @@ def generate(pipe,                        # a loaded pipeline (`load_pipeline`)
             if kwargs.get('padding_mask_crop') is not None: st['padding_mask_crop'] = kwargs['padding_mask_crop']
         if getattr(pipe, 'controlnet', None) is not None: st.update(control_settings(pipe, kwargs, len(settings)))
         if kwargs.get('clip_skip'): st['clip_skip'] = kwargs['clip_skip'] + 1   # the web UI counts the last layer as 1
+        if 'shift' in getattr(pipe.scheduler, 'config', {}) and type(pipe.scheduler).__name__.startswith('FlowMatch'):
+            st['shift'] = float(pipe.scheduler.config.shift)   # a flow model's schedule: another shift, another picture
         settings.append(st)
     return Generation(list(out.images), settings, nsfw)
 
@@ -343,8 +354,17 @@ def replaying(pipe,            # the pipeline that will replay
     for k, v in (('sampler', name), ('schedule_type', schedule)):
         if v is not None and not isinstance(v, str): raise TypeError(f"{what}: {k}={v!r} is not a name")
     with pipe_lock(pipe):
-        old = pipe.scheduler
-        if name or schedule: pipe.scheduler = make_scheduler(name or type(old).__name__, old.config, schedule)
+        old = new = pipe.scheduler
+        if (name or schedule) and not (name == sampler_name(old) and not schedule):   # the pipeline's own: kept as it is
+            new = make_scheduler(name or type(old).__name__, {**old.config, '_class_name': type(old).__name__}, schedule)
+        shift = settings.get('shift')
+        if shift is not None and 'shift' in new.config and new.config.shift != shift:   # a flow picture's schedule
+            new = type(new).from_config(new.config, shift=float(shift))
+        elif shift is not None and 'shift' not in new.config: warnings.warn(
+            f"{what} hold 'Shift: {shift}', a flow-matching schedule's setting; this pipeline's {type(new).__name__} "
+            f"has none, so it is not applied and the picture will differ")
+        if not hasattr(new, 'init_noise_sigma'): new.init_noise_sigma = getattr(old, 'init_noise_sigma', 1.0)
+        pipe.scheduler = new
         try: yield pipe
         finally: pipe.scheduler = old
 
@@ -370,6 +390,11 @@ def check_record(s: dict, # settings, as `read_settings` gives them
     if w * h > MAX_AREA * d['width'] * d['height']: bad('Size', f"{w}x{h}",
         f"is {w * h / (d['width'] * d['height']):.0f} times the area this model was trained at ({d['width']}x{d['height']}); "
         f"it would run for minutes and draw repeated shapes; at most {MAX_AREA} times is replayed")
+    if 'control_scale' in s and not (is_real(s['control_scale']) and s['control_scale'] >= 0):
+        bad('Control scale', s['control_scale'], "is not a number from 0 (no control) up (1.0 is usual)")
+    for f, field in (('control_guidance_start', 'Control start'), ('control_guidance_end', 'Control end')):
+        if f in s and not (is_real(s[f]) and 0 <= s[f] <= 1): bad(field, s[f], "is not a share of the steps, from 0 to 1")
+    if 'shift' in s and not (is_real(s['shift']) and s['shift'] > 0): bad('Shift', s['shift'], "is not a positive number")
     layers = getattr(getattr(getattr(pipe, 'text_encoder', None), 'config', None), 'num_hidden_layers', None)
     cs = s.get('clip_skip', 1)
     if not (is_whole(cs) and 1 <= cs <= (layers or cs)):
@@ -395,6 +420,10 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
         f"replay: these settings are from inpainting (mask {s['mask']}), and a PNG holds neither the starting image "
         f"nor the mask: pass image= and mask_image= (`sd_intro.inpainting.save_inpainting` writes them beside the "
         f"picture, and `replay_inpainting` reads them back)")
+    if 'strength' in s and type(getattr(pipe, 'scheduler', None)).__name__ == 'FlowMatchEulerDiscreteScheduler':
+        raise ValueError(f"replay: these settings are from img2img on a flow model (strength {s['strength']}): make the "
+                         f"picture again with sd_intro.flow.flow_img2img(pipe, image, prompt, strength=, seed=, "
+                         f"num_inference_steps=, guidance_scale=) and the record's values")
     if 'strength' in s and image is None: raise ValueError(
         f"replay: these settings are from img2img (strength {s['strength']}), and a PNG does not hold the starting "
         f"image: run generate(load_pipeline(pipe, kind='img2img'), ..., image=start, strength=...) with it, or record "
@@ -408,6 +437,12 @@ def replay(src: str | os.PathLike | Image.Image | dict, # a PNG saved with setti
     check_record(s, pipe)
     controlled = getattr(pipe, 'controlnet', None) is not None
     if 'control' in s or controlled or control_image is not None:
+        webui = [k for k in (s.get('extra') or {}) if re.fullmatch(r'ControlNet( \d+)?', k)]
+        if 'control' not in s and webui: raise ValueError(
+            f"replay: these settings are from the web UI's ControlNet extension ({webui[0]}: {s['extra'][webui[0]][:80]}), "
+            f"which records its model and weight but no fingerprint of the control picture, so they are not replayed "
+            f"here: run generate(cpipe, prompt, image=control, controlnet_conditioning_scale=its Weight, ...) with the "
+            f"record's values")
         if 'control' not in s: raise ValueError(
             "replay: these settings were made without a ControlNet: replay them on a pipeline without one" if controlled else
             "replay: control_image= was given, but these settings were made without a ControlNet; leave it out")

@@ -525,9 +525,12 @@ def finetune(data,                      # pictures: a folder, a Dataset, a Hub i
                          "mixed_precision='no' here, or 'bf16'")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
+    if getattr(getattr(model, 'unet', None), 'sd_intro_objective', None) == 'flow': raise ValueError(
+        "model is a flow-matching model (load_flow): fine-tuning trains with the noise-prediction (DDPM) objective, "
+        "which would silently unlearn it; pass a DDPM model (None for the embedded one)")
     _check_apart(data, out)
     acc = accelerator or _accelerator(cfg.mixed_precision)
-    with run_lock(out, hold=acc.is_main_process):   # one run at a time in a folder
+    with run_lock(out, hold=acc.is_main_process, what='fine-tuning'):   # one run at a time in a folder
         return _finetune(data, out, model, cfg, acc)
 
 def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResult:

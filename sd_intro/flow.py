@@ -103,6 +103,7 @@ def flow_pipeline(base,                  # a loaded Stable Diffusion pipeline gi
         raise TypeError(f"scheduler={type(scheduler).__name__}: a flow UNet needs a FlowMatchEulerDiscreteScheduler "
                         f"(e.g. flow_scheduler(shift=1.0)); DDPM-style schedulers feed it the wrong inputs")
     if not hasattr(scheduler, 'init_noise_sigma'): scheduler.init_noise_sigma = 1.0
+    unet.sd_intro_objective = 'flow'   # `generate` refuses it another scheduler, `load_lora` an LCM-LoRA, ControlNets refuse it
     parts = {k: v for k, v in base.components.items() if k in ('vae', 'text_encoder', 'tokenizer', 'safety_checker', 'feature_extractor')}
     pipe = StableDiffusionPipeline(**parts, unet=unet, scheduler=scheduler, image_encoder=None,
                                    requires_safety_checker=False)
@@ -157,7 +158,8 @@ def even_steps(pipe):
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         return orig(num_inference_steps, device, sigmas, *a, **kw)
     s.set_timesteps = set_timesteps
-    return p
+    from sd_intro.core import add_extra, Extra
+    return add_extra(p, Extra('Flow schedule', 'even steps'))   # its pictures say so; replay elsewhere warns
 
 def ddim_trailing(pipe):
     "A pipeline sharing `pipe`'s parts with DDIM on 'trailing' timesteps: lesson 1's best sampler for the DDPM model at few steps."
@@ -393,6 +395,8 @@ def flow_latents(out: Path, vae, n_images: int, data_seed: int, log=print):
     if f.exists() and meta.exists():
         try:
             t, m = load_file(str(f)), json.loads(meta.read_text())
+            if 'digest' in m and m['digest'] != state_digest(dict(m, digest=None), t):   # (caches before the digest: as they are)
+                raise ValueError("its scenes or latents are not as the run wrote them (edited, or files of two caches)")
             if m.get('n_images') == n_images and m.get('data_seed') == data_seed and len(t['means']) == n_images:
                 return t['means'], t['stds'], [Scene(**d) for d in m['scenes']]
             raise ValueError(f"made for n_images={m.get('n_images')}, data_seed={m.get('data_seed')}")
@@ -401,8 +405,11 @@ def flow_latents(out: Path, vae, n_images: int, data_seed: int, log=print):
                              f"and they are made again (about a minute per 10,000 pictures)") from e
     log(f"encoding {n_images} pictures (data_seed={data_seed}) into latents")
     means, stds, scenes = cache_latents(vae, n_images, seed=data_seed)
-    with atomic_file(meta) as tmp: tmp.write_text(json.dumps(dict(n_images=n_images, data_seed=data_seed, scenes=[asdict(s) for s in scenes])))
-    with atomic_file(f) as tmp: save_file(dict(means=means.contiguous(), stds=stds.contiguous()), str(tmp))
+    t = dict(means=means.contiguous(), stds=stds.contiguous())
+    m = dict(n_images=n_images, data_seed=data_seed, scenes=[asdict(s) for s in scenes])
+    m['digest'] = state_digest(dict(m, digest=None), t)
+    with atomic_file(meta) as tmp: tmp.write_text(json.dumps(m))
+    with atomic_file(f) as tmp: save_file(t, str(tmp))
     return means, stds, scenes
 
 def _flow_batch(means, stds, scenes, sf, step, cfg):
@@ -440,8 +447,11 @@ def save_flow_model(unet,                 # the trained flow UNet
                     info: dict | None = None # what to record in flow.json (settings, losses, ...)
                    ) -> Path:
     "Save a flow model as diffusers loads it: `unet/` and `scheduler/` (FlowMatchEulerDiscreteScheduler); the text encoder, tokenizer and VAE are the embedded model's."
-    dest = Path(dest)
-    with atomic_dir(dest) as tmp:
+    dest = Path(dest).expanduser()
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / 'flow.json').is_file(): raise FileExistsError(
+        f"dest={str(dest)!r} holds files and is not a flow model's folder (no flow.json): nothing there is touched; "
+        f"choose a new or empty folder")
+    with atomic_dir(dest, keep_others=True) as tmp:   # a model card or notes the user added are kept
         unet.save_pretrained(tmp / 'unet', safe_serialization=True)
         flow_scheduler(shift).save_pretrained(tmp / 'scheduler')
         (tmp / 'flow.json').write_text(json.dumps(dict(kind='sd_intro.flow', base=EMBEDDED_NAME, **(info or {})), indent=1))
@@ -463,7 +473,12 @@ def _check_out(out: Path):
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the run")
     if not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith('.sd_intro.lock')): return
     try: ours = json.loads((out / 'config.json').read_text()).get('kind') == 'sd_intro.flow'
-    except (OSError, ValueError, AttributeError): ours = False
+    except (OSError, ValueError, AttributeError) as e:
+        if (out / 'config.json').is_file() and (out / 'checkpoints').is_dir(): raise ValueError(
+            f"{out / 'config.json'} is damaged ({type(e).__name__}): if this folder is a flow-matching run, write "
+            f"{{\"kind\": \"sd_intro.flow\"}} into it and run the same command again (the run writes it whole from its "
+            f"settings, and its checkpoints are checked against them); otherwise choose a new or empty folder") from None
+        ours = False
     if not ours: raise FileExistsError(f"out={str(out)!r} holds files that are not a flow-matching run's; nothing there is "
                                        f"touched. Choose a new or empty folder")
 
@@ -479,7 +494,7 @@ def train_flow(out: str | os.PathLike,       # run folder: config.json, latents,
     if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but this torch sees no CUDA GPU: use device='cpu'")
     _check_out(out)
-    with run_lock(out): return _train_flow(out, cfg, device, log or (lambda s: None))
+    with run_lock(out, what='flow-matching'): return _train_flow(out, cfg, device, log or (lambda s: None))
 
 def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
     from diffusers import UNet2DConditionModel, FlowMatchEulerDiscreteScheduler
@@ -500,6 +515,10 @@ def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
     opt = torch.optim.AdamW(unet.parameters(), cfg.lr, weight_decay=0.01)
     ema = EMA(unet, cfg.ema_decay)
     start, losses, evals = 0, [], {}
+    if found and found[1][0]['step'] == cfg.steps and (out / 'model' / 'flow.json').is_file():
+        log(f"the run in {out} is finished ({cfg.steps} steps): its model is {out / 'model'}; nothing to do")
+        return FlowRun(pipe=load_flow(out / 'model', device=device), losses=list(found[1][0]['losses']),
+                       evals=dict(found[1][0]['evals']), out=out, step=cfg.steps, saved=out / 'model')
     if found:
         ck, (state, weights, ema_w, opt_state) = found
         unet.load_state_dict(weights); ema.model.load_state_dict(ema_w); opt.load_state_dict(opt_state['optimizer'])

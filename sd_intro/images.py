@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['CACHE_DIR', 'image_grid', 'pipe_size', 'ResizeNote', 'is_url', 'load_image', 'mask_id', 'check_mask',
-           'check_inpaint_inputs', 'control_id', 'check_control_image']
+__all__ = ['CACHE_DIR', 'MAX_CONTROL_SCALE', 'image_grid', 'pipe_size', 'ResizeNote', 'is_url', 'load_image', 'mask_id',
+           'check_mask', 'check_inpaint_inputs', 'control_id', 'check_control_image']
 
 # %% ../nbs/00b_lib_images.ipynb #c376e580
 def _font(size: int):
@@ -310,6 +310,8 @@ def control_id(control) -> str:
     a = np.asarray(control.convert('RGB') if isinstance(control, Image.Image) else control)
     return 'c' + hashlib.sha256(a.tobytes() + str(a.shape).encode()).hexdigest()[:11]
 
+MAX_CONTROL_SCALE = 2.0   # a ControlNet is trained at conditioning scale 1.0 and used from 0 to about this; above: a warning
+
 # %% ../nbs/00b_lib_images.ipynb #910094e9
 def check_control_image(control,              # PIL image, H x W (x 3) uint8 array, a path, or a list of them (one per image)
                         pipe=None,            # the ControlNet pipeline (for its picture size)
@@ -334,7 +336,14 @@ def check_control_image(control,              # PIL image, H x W (x 3) uint8 arr
         if c.dtype != np.uint8 or c.ndim not in (2, 3) or (c.ndim == 3 and c.shape[-1] != 3): raise TypeError(
             f"{what} is an array of {c.dtype} with shape {c.shape}; pass an H x W x 3 (or H x W) uint8 array, or a PIL image")
         c = Image.fromarray(c)
-    if torch.is_tensor(c): return c   # diffusers' own tensors in [0, 1] go as they are
+    if torch.is_tensor(c):   # diffusers' own tensors in [0, 1] go as they are, at the pictures' size
+        if (pipe is not None or size is not None) and c.ndim >= 2:
+            w, h = size or pipe_size(pipe)
+            if tuple(c.shape[-2:]) != (h, w): raise ValueError(
+                f"{what} is a tensor of {c.shape[-1]}x{c.shape[-2]} pixels but the pictures are {w}x{h}: the ControlNet "
+                f"reads its control at the picture's size (diffusers would stretch it silently); resize it, e.g. "
+                f"torch.nn.functional.interpolate({what}, size=({h}, {w}))")
+        return c
     if not isinstance(c, Image.Image): raise TypeError(
         f"{what} is a {type(c).__name__}; pass the control picture as a PIL image, a uint8 array or a path")
     if c.mode in ('RGBA', 'LA', 'PA') or (c.mode == 'P' and 'transparency' in c.info): raise ValueError(

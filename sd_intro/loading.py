@@ -147,6 +147,9 @@ def loading_error(model: str,     # the model that failed to load (a folder or a
     "The error to raise for a model that failed to load: it names the folder, the part missing or broken, and the fix."
     model = str(model)
     local = Path(model).expanduser()
+    if (local / 'flow.json').is_file() and not (local / 'model_index.json').is_file(): return FileNotFoundError(
+        f"model={model!r} is a flow-matching model's folder (unet/ and scheduler/, no model_index.json): load it with "
+        f"sd_intro.flow.load_flow({model!r}); the DDPM lessons and trainers take a Stable Diffusion pipeline folder")
     if (local / 'model_index.json').is_file():   # a pipeline folder, but something in it is broken
         try: listed = [k for k, v in json.loads((local / 'model_index.json').read_text()).items()
                        if not k.startswith('_') and isinstance(v, list) and v[0] is not None]
@@ -297,6 +300,11 @@ def load_lora(pipe,              # a loaded Stable Diffusion pipeline (the LoRA 
                                     f"`save_lora_weights` (e.g. a fine-tune's out/lora), its .safetensors file, or a Hub id")
         record = str(lora)
         if local.exists(): lora, record = str(local), lora_record(local, kwargs.get('weight_name'))
+        if getattr(getattr(pipe, 'unet', None), 'sd_intro_objective', None) == 'flow' and \
+                (local / 'distill.json').is_file(): raise ValueError(
+            f"lora={str(local)!r} is an LCM-LoRA (it has distill.json): it was distilled from a noise-predicting (DDPM) "
+            f"model for LCMScheduler, and this pipeline's UNet is a flow-matching model. Load it on the DDPM model "
+            f"(sd_intro.distill.lcm_pipeline()); the flow model draws in few steps with its own scheduler")
     quiet = _NoTextEncoderLoraNote()
     loggers = [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict) if n.split('.')[0] == 'diffusers']
     for lg in loggers: lg.addFilter(quiet)   # where the note is made, so no handler anywhere prints it

@@ -79,7 +79,8 @@ def sampler_name(scheduler) -> str:
 # runs its check first; `replaying` warns when a record names extras the pipeline lacks (or the other way round).
 # A new kind of extra: an entry in EXTRA_FIELDS (its field and how to load it) and `add_extra` where it is loaded.
 EXTRA_FIELDS = {'Lora hashes': "load the LoRA first: load_lora(pipe, FOLDER); for an LCM-LoRA, "
-                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)"}
+                               "sd_intro.distill.lcm_pipeline(lora=FOLDER)",
+                'Flow schedule': "sample with it: sd_intro.flow.even_steps(pipe)"}
 
 # %% ../nbs/00c_lib_records.ipynb #4f8ec362
 def quote(v) -> str:
@@ -97,7 +98,7 @@ def format_parameters(s: dict) -> str:
     if sampler and not schedule: sampler, schedule = split_sampler(sampler)   # today's web UI: 'Schedule type: Karras'
     kv = [('Steps', s.get('steps')), ('Sampler', sampler), ('Schedule type', schedule), ('CFG scale', s.get('guidance_scale')),
           ('Seed', s.get('seed')), ('Size', f"{s['width']}x{s['height']}" if 'width' in s else None),
-          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')),
+          ('Model', s.get('model')), ('Denoising strength', s.get('strength')), ('Clip skip', s.get('clip_skip')), ('Shift', s.get('shift')),
           ('Mask', s.get('mask')), ('Masked area padding', s.get('padding_mask_crop'))]
     kv += [(k, s.get(f)) for f, k in CONTROL_FIELDS.items()]
     kv += list((s.get('extras') or {}).items()) + list((s.get('extra') or {}).items())
@@ -150,6 +151,7 @@ def parse_parameters(text: str) -> dict:
         elif k == 'Model': s['model'] = v
         elif k == 'Denoising strength' and not hires: s['strength'] = _number(k, v, float)
         elif k == 'Clip skip': s['clip_skip'] = _number(k, v)
+        elif k == 'Shift': s['shift'] = _number(k, v, float)
         elif k == 'Mask': s['mask'] = v
         elif k == 'Masked area padding': s['padding_mask_crop'] = _number(k, v)
         elif k in EXTRA_FIELDS: s.setdefault('extras', {})[k] = v   # what was loaded onto the pipeline (a LoRA, ...)

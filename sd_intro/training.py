@@ -315,7 +315,8 @@ LOCK_NAME = '.sd_intro.lock'
 
 @contextlib.contextmanager
 def run_lock(out: str | os.PathLike, # the run folder (created if needed)
-             hold: bool = True       # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
+             hold: bool = True,      # False: do nothing (the other processes of a multi-GPU run; the main one holds it)
+             what: str = 'training'  # the kind of run, as a refused one is told ('fine-tuning', 'ControlNet training', ...)
             ):
     "Hold run folder `out` while a run writes in it (an OS lock, released when the process ends, however it ends); a second run is refused."
     from filelock import FileLock, Timeout
@@ -330,11 +331,12 @@ def run_lock(out: str | os.PathLike, # the run folder (created if needed)
         except (OSError, ValueError): other = {}
         who = (f"process {other.get('pid')} on {other.get('host')}, started {other.get('since')}" if other.get('pid')
                else "another process")
-        raise RuntimeError(f"{out} is in use by another training run ({who}): wait for it to finish, or choose another "
+        raise RuntimeError(f"{out} is in use by another {other.get('run') or what} run ({who}): wait for it to finish, or choose another "
                            f"out folder") from None
     try:
         with atomic_file(note) as tmp:
-            tmp.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'))))
+            tmp.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), since=time.strftime('%Y-%m-%d %H:%M:%S'),
+                                       run=what)))
         yield
     finally:
         note.unlink(missing_ok=True)

@@ -183,3 +183,101 @@ for cls, kw in ((StableDiffusionControlNetPipeline, dict(image=ctl)),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count(' ok') == 3
+
+
+# --- issue 31, reliability round 4: ControlNet used as what it is, users' files kept, records from outside --------------
+
+def test_the_module_has_one_all():
+    assert (ROOT / 'sd_intro' / 'controlnet.py').read_text().count('__all__ =') == 1
+
+
+def test_a_folder_of_the_users_files_is_not_written_over(tmp_path):
+    out = tmp_path / 'mine'; (out / 'validation').mkdir(parents=True)
+    mine = ('run.json', 'history.json', 'validation.png', 'validation/step-000001.png', 'thesis.tex')
+    for f in mine: (out / f).write_text('mine')
+    for kw in ({}, dict(overwrite=True)):
+        with pytest.raises(FileExistsError, match=r"run.json.*not a ControlNet run's.*nothing there is touched"):
+            train_controlnet(out, steps=1, batch_size=1, validation_images=0, progress=False, **kw)
+    with pytest.raises(FileExistsError, match="not a ControlNet run's"): clear_run(out)
+    assert all((out / f).read_text() == 'mine' for f in mine)
+
+
+def test_a_folder_in_use_names_the_controlnet_run(tmp_path):
+    out = tmp_path / 'busy'
+    code = ("import torch; torch.set_num_threads(1); from sd_intro.controlnet import train_controlnet; "
+            f"train_controlnet({str(out)!r}, steps=100000, batch_size=1, checkpoint_every=None, validation_images=0, progress=False)")
+    p = subprocess.Popen([sys.executable, '-c', code], env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (out / 'run.json').exists():
+            assert p.poll() is None and time.time() < deadline, 'the holding run ended early'
+            time.sleep(0.1)
+        with pytest.raises(RuntimeError, match='in use by another ControlNet training run') as e:
+            train_controlnet(out, steps=1, progress=False)
+        assert 'fine-tuning' not in str(e.value)
+    finally: p.kill(); p.wait()
+
+
+def test_a_controlnet_refuses_the_flow_model():
+    from sd_intro.flow import load_flow
+    with pytest.raises(ValueError, match='flow-matching model.*load_pipeline'): controlnet_pipeline(load_flow())
+
+
+def test_a_control_tensor_of_another_size_and_a_far_scale(cpipe):
+    with pytest.raises(ValueError, match='tensor of 32x32 pixels but the pictures are 64x64'):
+        generate(cpipe, 'a red star', image=torch.zeros(1, 3, 32, 32), num_inference_steps=2)
+    with pytest.warns(UserWarning, match=r'controlnet_conditioning_scale=50: far above the 1.0'):
+        generate(cpipe, 'a red star', image=silhouette(STAR), controlnet_conditioning_scale=50, num_inference_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='controlnet_conditioning_scale')
+        generate(cpipe, 'a red star', image=silhouette(STAR), controlnet_conditioning_scale=1.5, num_inference_steps=1)
+
+
+def _png(path, text):
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo(); info.add_text('parameters', text)
+    Image.new('RGB', (64, 64)).save(path, pnginfo=info)
+    return path
+
+
+def test_records_out_of_range_and_from_the_web_ui(cpipe, tmp_path):
+    ctl, head = silhouette(STAR), 'a red star\nSteps: 2, Seed: 1, Size: 64x64, ControlNet: shapes-controlnet, Control: c0, '
+    with pytest.raises(ValueError, match=r"the record's 'Control scale: -3.0'"):
+        replay(_png(tmp_path / 'a.png', head + 'Control scale: -3'), cpipe, control_image=ctl)
+    with pytest.raises(ValueError, match=r"the record's 'Control end: 1.5'"):
+        replay(_png(tmp_path / 'b.png', head + 'Control scale: 1, Control end: 1.5'), cpipe, control_image=ctl)
+    webui = ('a red star\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, ControlNet 0: "Module: canny, '
+             'Model: control_sd15_canny [fef5e48e], Weight: 1, Resize Mode: Crop and Resize"')
+    with pytest.raises(ValueError, match="web UI's ControlNet extension.*Weight") as e:
+        replay(_png(tmp_path / 'c.png', webui), cpipe, control_image=ctl)
+    assert 'made without a ControlNet' not in str(e.value)
+
+
+def test_load_controlnet_refuses_other_models_and_names_a_damaged_config(tmp_path):
+    with pytest.raises(ValueError, match='holds a UNet2DConditionModel, not a ControlNetModel'):
+        load_controlnet(Path(EMBEDDED_MODEL) / 'unet')
+    d = tmp_path / 'damaged'; d.mkdir(); (d / 'config.json').write_text('{"_class')
+    with pytest.raises(ValueError, match='config.json is damaged'): load_controlnet(d)
+
+
+def test_iou_by_step_holds_the_pipeline_while_it_swaps_weights(pipe, tmp_path):
+    "Snapshots are swapped into the ControlNet: another thread drawing with the same pipeline meanwhile still gets its own pictures."
+    import threading
+    from safetensors.torch import save_file
+    from sd_intro.controlnet import heldout_controls, iou_by_step
+    cp = controlnet_pipeline(pipe)   # its own ControlNet, loaded afresh
+    snaps = tmp_path / 'run' / 'snapshots'; snaps.mkdir(parents=True)
+    zero = {k: torch.zeros_like(v).contiguous() for k, v in cp.controlnet.state_dict().items()}   # a ControlNet that does nothing
+    for s in (1, 2, 3): save_file(zero, str(snaps / f"step-{s:06d}.safetensors"))
+    draw = lambda s: np.asarray(generate(cp, 'a red star on a blue background', seed=s, image=silhouette(STAR), num_inference_steps=3)[0])
+    serial = [draw(s) for s in range(6)]
+    _, controls, prompts = heldout_controls(2)
+    got = [None] * 6
+    def drawing():
+        for s in range(6): got[s] = draw(s)
+    ts = [threading.Thread(target=lambda: iou_by_step(cp, tmp_path / 'run', controls, prompts, num_inference_steps=2)),
+          threading.Thread(target=drawing)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    assert all(g is not None and np.array_equal(g, s) for g, s in zip(got, serial))

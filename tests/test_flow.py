@@ -305,3 +305,113 @@ def test_step_seeds_and_digest():
     d = state_digest({'step': 1}, t)
     assert d == state_digest({'step': 1, 'digest': 'x'}, t) != state_digest({'step': 2}, t)
     assert d != state_digest({'step': 1}, {'w': torch.tensor([1., 1., 1.0001])})
+
+
+# --- issue 31, reliability round 4: runs, folders, misuse and records of the flow model ----------------------------
+
+def test_a_finished_run_run_again_says_so_and_keeps_the_model_card(tmp_path):
+    out, kw = tmp_path / 'run', dict(TINY, steps=2)
+    train_flow(out, log=None, **kw)
+    card, weights = out / 'model' / 'README.md', out / 'model' / 'unet' / 'diffusion_pytorch_model.safetensors'
+    card.write_text('my card'); w = weights.read_bytes()
+    lines = []
+    r = train_flow(out, log=lines.append, **kw)
+    assert any('is finished' in l for l in lines) and r.saved == out / 'model' and r.step == 2
+    assert card.read_text() == 'my card' and weights.read_bytes() == w
+
+
+def test_save_flow_model_keeps_the_users_files(tmp_path, flow):
+    d = tmp_path / 'documents'; d.mkdir(); (d / 'thesis.tex').write_text('mine')
+    with pytest.raises(FileExistsError, match='not a flow model.*nothing there is touched'): save_flow_model(flow.unet, d)
+    assert [p.name for p in d.iterdir()] == ['thesis.tex']
+    m = save_flow_model(flow.unet, tmp_path / 'model'); (m / 'README.md').write_text('card')
+    save_flow_model(flow.unet, m)
+    assert (m / 'README.md').read_text() == 'card' and (m / 'flow.json').is_file()
+
+
+def test_a_damaged_config_json_is_named_with_the_fix(tmp_path):
+    out = tmp_path / 'run'
+    train_flow(out, stop_at=1, log=None, **TINY)
+    (out / 'config.json').write_text('{"kind": "sd_intro.fl')
+    with pytest.raises(ValueError, match=r'config.json is damaged.*"kind": "sd_intro.flow"'): train_flow(out, log=None, **TINY)
+    (out / 'config.json').write_text('{"kind": "sd_intro.flow"}')   # the fix the message gives
+    assert train_flow(out, stop_at=2, log=None, **TINY).step == 2
+
+
+def test_a_folder_in_use_names_the_flow_run(tmp_path):
+    out, said = tmp_path / 'run', []
+    def log(line):   # called while the run holds its folder: a second run there is refused
+        if said: return
+        try: train_flow(out, log=None, **TINY); said.append('ran')
+        except RuntimeError as e: said.append(str(e))
+    train_flow(out, log=log, **dict(TINY, steps=1))
+    assert said and 'in use by another flow-matching run' in said[0] and 'fine-tuning' not in said[0], said
+
+
+def test_the_flow_model_refuses_ddpm_samplers_and_the_lcm_lora(flow, pipe):
+    from diffusers import DDIMScheduler
+    from sd_intro.core import load_pipeline, load_lora
+    from sd_intro.distill import LCM_LORA, lcm_pipeline
+    p = load_pipeline(flow); p.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match='flow-matching model.*DDIMScheduler'): generate(p, 'a red circle', num_inference_steps=2)
+    with pytest.raises(ValueError, match='is an LCM-LoRA.*flow-matching model'): load_lora(load_pipeline(flow), LCM_LORA)
+    with pytest.raises(ValueError, match='is an LCM-LoRA.*flow-matching model'), warnings.catch_warnings():
+        warnings.simplefilter('ignore'); lcm_pipeline(flow)
+
+
+def test_flow_records_replay_to_the_same_picture(flow, pipe, tmp_path):
+    from sd_intro.core import replay, save_image, read_settings
+    from sd_intro.flow import even_steps
+    prompt = 'a red circle on a blue background'
+    r = generate(flow, prompt, seed=2, num_inference_steps=4)
+    png = save_image(r[0], tmp_path / 'flow.png', r.settings[0])
+    assert read_settings(png)['shift'] == flow.scheduler.config.shift
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert np.array_equal(np.asarray(replay(png, flow)), np.asarray(r[0]))
+    # another shift is recorded and replayed
+    s3 = generate(with_shift(flow, 3.0), prompt, seed=2, num_inference_steps=4)
+    assert s3.settings[0]['shift'] == 3.0 and not np.array_equal(np.asarray(s3[0]), np.asarray(r[0]))
+    assert np.array_equal(np.asarray(replay(s3.settings[0], flow)), np.asarray(s3[0]))
+    # even steps are recorded; replayed without them: a warning naming the fix
+    ev = generate(even_steps(flow), prompt, seed=2, num_inference_steps=4)
+    with pytest.warns(UserWarning, match=r'Flow schedule: even steps.*even_steps\(pipe\)'): replay(ev.settings[0], flow)
+    assert np.array_equal(np.asarray(replay(ev.settings[0], even_steps(flow))), np.asarray(ev[0]))
+    # a record of one kind of model replayed on the other is refused
+    d = generate(pipe, prompt, seed=2, num_inference_steps=2)
+    for rec, other in ((r.settings[0], pipe), (d.settings[0], flow)):
+        with pytest.raises(ValueError, match='another kind of model'), warnings.catch_warnings():
+            warnings.simplefilter('ignore'); replay(rec, other)
+    # a flow img2img record: the advice names flow_img2img
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore'); i2i = flow_img2img(flow, r[0], prompt, strength=0.6, num_inference_steps=5)
+    for image in (None, r[0]):
+        with pytest.raises(ValueError, match='img2img on a flow model.*flow_img2img'): replay(i2i.settings[0], flow, image=image)
+
+
+def test_ddpm_trainers_and_loaders_refuse_the_flow_model(flow, tmp_path):
+    import sd_intro.finetune as ft
+    from sd_intro.controlnet import train_controlnet
+    from sd_intro.core import load_pipeline
+    from sd_intro.distill import distill
+    with pytest.raises(ValueError, match='flow-matching model'): ft.finetune(tmp_path / 'data', tmp_path / 'ft', model=flow, steps=1)
+    with pytest.raises(ValueError, match='flow-matching model'): train_controlnet(tmp_path / 'cn', model=flow, steps=1, progress=False)
+    for call in (lambda: load_pipeline(FLOW_MODEL), lambda: distill(tmp_path / 'lcm', model=FLOW_MODEL, log=None, steps=1)):
+        with pytest.raises(FileNotFoundError, match=r"flow-matching model's folder.*load_flow"): call()
+    assert not (tmp_path / 'ft').exists() and not (tmp_path / 'cn').exists() and not (tmp_path / 'lcm').exists()
+
+
+def test_an_edited_latent_cache_is_named(tmp_path):
+    out = tmp_path / 'run'
+    train_flow(out, stop_at=1, log=None, **TINY)
+    m = json.loads((out / 'latents.json').read_text()); m['scenes'][0]['x'] = round(m['scenes'][0]['x'] + 0.01, 4)
+    (out / 'latents.json').write_text(json.dumps(m))   # (a changed scene changes the captions a resumed run trains on)
+    with pytest.raises(ValueError, match=r'latents.*not as the run wrote them.*delete both files'): train_flow(out, log=None, **TINY)
+
+
+def test_a_shift_on_a_ddpm_pipeline_is_not_dropped_silently(pipe):
+    from sd_intro.core import parse_parameters, replay
+    s = parse_parameters('a red circle\nSteps: 2, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Shift: 3')
+    assert s['shift'] == 3.0
+    with pytest.warns(UserWarning, match="'Shift: 3.0'.*not applied"): replay(s, pipe)
+    with pytest.raises(ValueError, match=r"the record's 'Shift: -1.0'"): replay(dict(s, shift=-1.0), pipe)
