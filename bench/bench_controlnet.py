@@ -129,12 +129,13 @@ def main():
                                      heldout_controls, iou_by_step, scale_sweep, snapshot_steps)
     n, scales = (8, (0.0, 1.0, 1.5)) if a.quick else (a.n, SCALES)
     weights = Path(CONTROLNET_MODEL) / 'diffusion_pytorch_model.safetensors'
-    res = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads,
-               model_fingerprint=model_fingerprint(), controlnet_fingerprint=hashlib.sha256(weights.read_bytes()).hexdigest()[:12],
+    from provenance import stamp   # `model`: the fingerprint of the embedded model measured (bench/provenance.py)
+    res = stamp(dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", threads=a.threads,
+               controlnet_fingerprint=hashlib.sha256(weights.read_bytes()).hexdigest()[:12],
                n=n, sampler_steps=a.steps, guidance_scale=7.5,
-               controlnet_mb=round(sum(f.stat().st_size for f in Path(CONTROLNET_MODEL).iterdir()) / 2 ** 20, 2))
+               controlnet_mb=round(sum(f.stat().st_size for f in Path(CONTROLNET_MODEL).iterdir()) / 2 ** 20, 2)))
     record = json.loads((Path(CONTROLNET_MODEL) / 'training.json').read_text())
-    assert record['model_fingerprint'] == res['model_fingerprint'], "the shipped ControlNet belongs to another embedded model"
+    assert record['model_fingerprint'] == res['model'], "the shipped ControlNet belongs to another embedded model"
     res['training'] = {k: record[k] for k in ('settings', 'seconds', 'device', 'torch_threads', 'load') if k in record}
     pipe = load_pipeline(EMBEDDED_MODEL)
     cpipe = controlnet_pipeline(pipe)
