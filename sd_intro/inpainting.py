@@ -19,8 +19,8 @@ _all_ = ['mask_id', 'check_mask', 'check_inpaint_inputs']
 
 # %% auto #0
 __all__ = ['REGIONS', 'object_pixels', 'scene_mask', 'is_inpainting', 'inpaint_pipeline', 'inpaint_start', 'blend',
-           'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'paste_original',
-           'pasted_back', 'vae_round_trip', 'save_inpainting', 'replay_inpainting', 'mask_id', 'check_mask',
+           'inpaint_by_hand', 'change_outside', 'seam', 'difference_map', 'Repaint', 'repaint', 'save_inpainting',
+           'replay_inpainting', 'paste_original', 'pasted_back', 'vae_round_trip', 'mask_id', 'check_mask',
            'check_inpaint_inputs']
 
 # %% ../nbs/04_inpainting.ipynb #a1e15f2f
@@ -236,31 +236,6 @@ def repaint(pipe,                     # any pipeline of the model (made an inpai
                  num_inference_steps=num_inference_steps, **kwargs)
     return _measured(picture, check_mask(mask_image, picture), prompt, g, judged)
 
-def paste_original(images,            # inpainted pictures
-                   picture: Image.Image, # the picture they were made from
-                   mask_image,        # white where they were repainted
-                   blur: int = 0      # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
-                  ) -> list[Image.Image]:
-    "`images` with `picture` pasted back where the mask keeps it (diffusers' `apply_overlay`): the kept part exactly the original."
-    from diffusers.image_processor import VaeImageProcessor
-    mask = check_mask(mask_image, picture)
-    over = VaeImageProcessor.blur(mask, blur) if blur else mask
-    return [VaeImageProcessor().apply_overlay(over, picture, im) for im in images]
-
-def pasted_back(r: Repaint,          # a `repaint` result
-                blur: int = 0,        # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
-                judged: bool = True   # read the pictures with the judge
-               ) -> Repaint:
-    "`r`'s pictures with the original pasted back outside the mask (diffusers' `apply_overlay`), judged and measured again."
-    g = Generation(paste_original(r.images, r.picture, r.mask, blur), r.generation.settings, r.generation.nsfw)
-    return _measured(r.picture, r.mask, r.prompt, g, judged)
-
-def vae_round_trip(pipe, picture: Image.Image) -> Image.Image:
-    "`picture` encoded by `pipe`'s VAE and decoded again: what the latents alone lose, with no denoising at all."
-    x = pipe.image_processor.preprocess(picture).to(pipe.device, pipe.vae.dtype)
-    with torch.no_grad(): y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-    return pipe.image_processor.postprocess(y)[0]
-
 # %% ../nbs/04_inpainting.ipynb #ba43cd2e
 def _beside(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.stem + '.mask.png'), path.with_name(path.stem + '.start.png')
@@ -302,3 +277,39 @@ def replay_inpainting(path: str | os.PathLike, # a PNG written by `save_inpainti
     if missing: raise FileNotFoundError(f"replay_inpainting: {missing} not found; save_inpainting writes the picture, "
                                         f"its .mask.png and its .start.png together: keep them together")
     return replay(path, inpaint_pipeline(pipe), image=Image.open(spath).convert('RGB'), mask_image=Image.open(mpath))
+
+# %% ../nbs/04_inpainting.ipynb #d9273c90
+def paste_original(images,             # inpainted pictures, each the size of `picture`
+                   picture: Image.Image, # the picture they were made from
+                   mask_image,         # white where they were repainted
+                   blur: float = 0     # feather the pasted edge: the mask blurred by this many pixels (`VaeImageProcessor.blur`) as the overlay
+                  ) -> list[Image.Image]:
+    "`images` with `picture` pasted back where the mask keeps it (diffusers' `apply_overlay`): the kept part exactly the original, its edge cross-faded over `blur` pixels."
+    from diffusers.image_processor import VaeImageProcessor
+    if isinstance(images, Image.Image): raise TypeError("images is one picture; pass a list of pictures ([img])")
+    if isinstance(blur, bool) or not isinstance(blur, (int, float, np.integer, np.floating)) or not blur >= 0:
+        raise ValueError(f"blur={blur!r}: use a number of pixels, 0 or more (0: a hard cut)")
+    mask, images = check_mask(mask_image, picture), list(images)
+    wrong = [f"{i}: {im.width}x{im.height}" for i, im in enumerate(images) if im.size != picture.size]
+    if wrong: raise ValueError(f"images {wrong} are not {picture.width}x{picture.height} like picture: paste back onto the "
+                               f"pictures made from it")
+    over = VaeImageProcessor.blur(mask, blur) if blur else mask
+    return [VaeImageProcessor().apply_overlay(over, picture, im) for im in images]
+
+# %% ../nbs/04_inpainting.ipynb #f4f1e88a
+def pasted_back(r: Repaint,          # a `repaint` result
+                blur: int = 0,        # soften the pasted edge: `VaeImageProcessor.blur(mask, blur)` as the overlay
+                judged: bool = True   # read the pictures with the judge
+               ) -> Repaint:
+    "`r`'s pictures with the original pasted back outside the mask (diffusers' `apply_overlay`), judged and measured again."
+    g = Generation(paste_original(r.images, r.picture, r.mask, blur), r.generation.settings, r.generation.nsfw)
+    return _measured(r.picture, r.mask, r.prompt, g, judged)
+
+# %% ../nbs/04_inpainting.ipynb #919c65a2
+def vae_round_trip(pipe,                 # a loaded pipeline: its VAE and image processor are used
+                   picture: Image.Image  # the picture to encode and decode
+                  ) -> Image.Image:
+    "`picture` encoded by `pipe`'s VAE and decoded again: what the latents alone lose, with no denoising at all."
+    x = pipe.image_processor.preprocess(picture).to(pipe.device, pipe.vae.dtype)
+    with torch.no_grad(): y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+    return pipe.image_processor.postprocess(y)[0]

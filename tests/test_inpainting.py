@@ -222,6 +222,32 @@ def test_paste_original_keeps_the_kept_region_exactly():
     out = paste_original([other], picture, mask)[0]
     assert (np.asarray(out)[kept] == np.asarray(picture)[kept]).all()
     assert (np.asarray(out)[~kept] == np.asarray(other)[~kept]).all()
-    soft = np.asarray(paste_original([other], picture, mask, blur=2)[0], int)
     assert change_outside([paste_original([other], picture, mask, blur=2)[0]], picture, mask)['outside'] < 20
-    with pytest.raises(ValueError): paste_original([other], picture, mask.resize((32, 32)))
+    with pytest.raises(ValueError, match='mask_image is 32x32'): paste_original([other], picture, mask.resize((32, 32)))
+
+
+@pytest.mark.parametrize('kw, err, msg', [
+    (dict(blur=-1), ValueError, r'blur=-1: use a number of pixels, 0 or more'),
+    (dict(blur='2'), ValueError, r"blur='2'"),
+    (dict(blur=True), ValueError, r'blur=True'),
+    (dict(images=[Image.new('RGB', (32, 32))]), ValueError, r"images \['0: 32x32'\] are not 64x64 like picture"),
+    (dict(images=Image.new('RGB', (64, 64))), TypeError, r'images is one picture; pass a list'),
+    (dict(mask_image=Image.new('L', (32, 32), 255)), ValueError, r'mask_image is 32x32 but image is 64x64'),
+])
+def test_paste_original_bad_arguments_name_the_argument(kw, err, msg):
+    from sd_intro.inpainting import paste_original
+    args = {**dict(images=[PICTURE], picture=PICTURE, mask_image=scene_mask(SCENE, 'background', grow=2)), **kw}
+    with pytest.raises(err, match=msg): paste_original(**args)
+
+
+def test_the_background_edit_keeps_the_circle(inp, pipe):
+    "Lesson 4's background edit: as made the circle is painted over; pasted back through a 1-px feather it changes no more than the VAE round trip + 2/255."
+    from sd_intro.inpainting import paste_original, vae_round_trip
+    mask = scene_mask(SCENE, 'background', grow=2)
+    made = generate(inp, 'a yellow background', seed=[1, 3], image=PICTURE, mask_image=mask, num_inference_steps=10)
+    inside = lambda im: change_outside([im], PICTURE, mask)['outside']
+    vae = inside(vae_round_trip(pipe, PICTURE))
+    assert 0 < vae < 10
+    assert min(inside(im) for im in made.images) > vae + 20, "the pipeline alone paints the small kept circle over"
+    for im in paste_original(made.images, PICTURE, mask, blur=1):
+        assert inside(im) <= vae + 2, (inside(im), vae)
