@@ -125,8 +125,9 @@ def main():
     warnings.simplefilter('ignore')
     from sd_intro.core import load_pipeline, EMBEDDED_MODEL
     from sd_intro.finetune import model_fingerprint
-    from sd_intro.controlnet import (CONTROLNET_MODEL, CONTROL_KINDS, controlnet_pipeline, control_scores, conflict,
-                                     heldout_controls, iou_by_step, scale_sweep, snapshot_steps)
+    from sd_intro.controlnet import CONTROLNET_MODEL, controlnet_pipeline
+    from sd_intro.controls import (CONTROL_KINDS, control_scores, conflict, heldout_controls, iou_by_step, scale_sweep,
+                                   snapshot_steps)
     n, scales = (8, (0.0, 1.0, 1.5)) if a.quick else (a.n, SCALES)
     weights = Path(CONTROLNET_MODEL) / 'diffusion_pytorch_model.safetensors'
     from provenance import stamp   # `model`: the fingerprint of the embedded model measured (bench/provenance.py)
@@ -149,7 +150,7 @@ def main():
     # back. No ControlNet can beat this by much: its pictures come out of the same decoder.
     from sd_intro.shapes import render, to_pil
     from sd_intro.inpainting import vae_round_trip
-    from sd_intro.controlnet import control_iou
+    from sd_intro.controls import control_iou
     ceil = np.array(control_iou([vae_round_trip(pipe, to_pil(render(s))) for s in scenes], controls, prompts))
     styles = sorted({s.style for s in scenes})
     res['vae_ceiling'] = dict(iou=round(float(ceil.mean()), 3), iou_08=round(float((ceil >= 0.8).mean()), 3),

@@ -40,7 +40,9 @@ VALIDATION = ('a red creature on a blue background', 'a striped yellow creature 
 def main():
     from sd_intro.core import load_pipeline
     from sd_intro.shapes import JUDGE_PATH
-    from sd_intro.finetune import finetune, load_captioned, write_shapes_folder, concept_scores, model_fingerprint
+    from sd_intro.finetune import finetune, model_fingerprint
+    from sd_intro.captioned import load_captioned
+    from sd_intro.creatures import write_shapes_folder, concept_scores
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--runs', nargs='+', default=list(RUNS), choices=list(RUNS))
     ap.add_argument('--n-new', type=int, default=192, help='creature pictures')
@@ -68,7 +70,7 @@ def main():
         t = time.time(); before = score(base)
         if before: print(f"base model: creature {before['new']:.0%}, old concepts {before['old']:.0%}  [{time.time() - t:.0f}s to judge]")
         from sd_intro.core import load_lora
-        from sd_intro.finetune import CREATURE_LORA
+        from sd_intro.creatures import CREATURE_LORA
         shipped = score(load_lora(load_pipeline(), str(CREATURE_LORA))) if judged else None
         if shipped:
             shipped['retained'] = shipped['old'] / max(before['old'], 1e-9)

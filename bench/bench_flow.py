@@ -42,8 +42,8 @@ def main():
     from sd_intro.core import load_pipeline, EMBEDDED_MODEL
     from sd_intro.pipelines import markdown_table
     from sd_intro.embedded import guidance_curve, negative_prompt_effect, quality_prompts, judged_quality
-    from sd_intro.flow import (FLOW_MODEL, load_flow, ddim_trailing, even_steps, straightness, shift_sweep, seconds_per_picture,
-                               flow_info, STEP_COUNTS)
+    from sd_intro.flow import straightness, shift_sweep, seconds_per_picture, STEP_COUNTS
+    from sd_intro.flow_models import FLOW_MODEL, load_flow, ddim_trailing, even_steps, flow_info
     from sd_intro.finetune import model_fingerprint
     folder = a.flow or FLOW_MODEL
     n_prompts, n_seeds = (16, 1) if a.quick else (64, 2)

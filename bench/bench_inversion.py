@@ -28,7 +28,8 @@ def main():
     from diffusers import StableDiffusionPipeline
     from sd_intro.core import EMBEDDED_MODEL, generate, quiet_loading
     from sd_intro.shapes import HELD_OUT, JUDGE_PATH, adherence, creature_verdicts
-    from sd_intro.finetune import write_shapes_folder, creature_prompts, model_fingerprint
+    from sd_intro.finetune import model_fingerprint
+    from sd_intro.creatures import write_shapes_folder, creature_prompts
     from sd_intro.embedded import EVAL_PROMPTS
     from sd_intro.inside import load_parts, add_token, textual_inversion, save_learned_embeds, sample_parts
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -84,7 +85,7 @@ def strongest_conditioning(parts, a, kw):
     import random
     from sd_intro.core import load_pipeline, load_lora, generate
     from sd_intro.shapes import HELD_OUT, Scene, random_scene, render, to_pil, adherence, creature_verdicts
-    from sd_intro.finetune import CREATURE_LORA
+    from sd_intro.creatures import CREATURE_LORA
     from sd_intro.inside import fit_conditioning, sample_parts
     fit, rng, out = 'a red creature on a green background', random.Random(0), {}
     seeds = dict(kw, seed=range(5000, 5000 + a.eval_n // 2))

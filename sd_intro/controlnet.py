@@ -17,76 +17,18 @@ import sd_intro
 from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, pipe_defaults
 from .shapes import BASE_SHAPES, COLOURS, SIZE, Scene, random_scene, render, caption, to_pil, object_mask, judge
 from .embedded import diffusion_loss
-from .finetune import vae_latents
+from .captioned import vae_latents
 from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, clear_temporaries, run_lock, model_fingerprint,
-                               changed_settings, refuse_resume, train_loop)
+                               changed_settings, refuse_resume, train_loop, run_seed)
+from .controls import (CONTROL_KINDS, silhouette, outline, scribble, control_image, control_mask, from_drawing, edge_map,
+                               shape_prompt, heldout_controls, control_iou, ControlScores, control_scores, scale_sweep, conflict,
+                               snapshot_steps, iou_by_step)
 
 # %% auto #0
-__all__ = ['CONTROL_KINDS', 'CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS',
-           'RESULT_FILES', 'RUN_RECORDS', 'silhouette', 'outline', 'scribble', 'control_image', 'control_mask',
-           'from_drawing', 'make_controlnet', 'ControlledUNet', 'control_batch', 'shape_prompt', 'heldout_controls',
-           'control_iou', 'ControlScores', 'control_scores', 'scale_sweep', 'conflict', 'save_controlled',
-           'replay_controlled', 'edge_map', 'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig',
-           'resumable_checkpoint', 'clear_run', 'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet',
-           'snapshot_steps', 'iou_by_step', 'main']
-
-# %% ../nbs/08_controlnet.ipynb #controls
-CONTROL_KINDS = ('silhouette', 'outline', 'scribble')
-
-def silhouette(scene: Scene, size: int = SIZE) -> Image.Image:
-    "The object of `scene` filled white on black: the control a student draws by colouring the shape in."
-    return to_pil(render(replace(scene, colour='white', background='black', style='flat'), size))
-
-def outline(scene: Scene, size: int = SIZE) -> Image.Image:
-    "The object's outline, white on black, as the shapes world draws an outlined shape."
-    return to_pil(render(replace(scene, colour='white', background='black', style='outlined'), size))
-
-def scribble(scene: Scene,         # what to draw
-             seed: int = 0,        # which wobbles and pen width
-             size: int = SIZE,     # width and height in pixels
-             wobble: float = 0.03, # how far the hand strays, as a fraction of the width
-             strokes: int = 2      # times the pen goes round
-            ) -> Image.Image:
-    "A hand-drawn-looking outline of the object, white on black: its edge bent by slow random waves, drawn `strokes` times."
-    g, big = torch.Generator().manual_seed(seed), 2 * size
-    m = torch.from_numpy(np.asarray(silhouette(scene, big))[..., 0] >= 128).float()[None, None]
-    pen = int(torch.randint(1, 4, (1,), generator=g))  # 0.5 to 1.5 pixels at `size`
-    edge = (F.max_pool2d(m, 2 * pen + 1, 1, pen) - m).clamp(0, 1)   # a band of `pen` pixels just outside the edge
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, big), torch.linspace(-1, 1, big), indexing='ij')
-    grid, out = torch.stack([xs, ys], -1)[None], torch.zeros_like(edge)
-    for _ in range(strokes):
-        waves = torch.randn(1, 2, 4, 4, generator=g) * 2 * wobble
-        flow = F.interpolate(waves, size=(big, big), mode='bicubic', align_corners=True).permute(0, 2, 3, 1)
-        out = torch.maximum(out, F.grid_sample(edge, grid + flow, mode='bilinear', padding_mode='zeros', align_corners=True))
-    small = F.avg_pool2d(out, 2)[0, 0]
-    arr = (small.clamp(0, 1) * 255).round().byte().numpy()
-    return Image.fromarray(np.stack([arr] * 3, -1), 'RGB')
-
-def control_image(scene: Scene, kind: str = 'silhouette', seed: int = 0, size: int = SIZE) -> Image.Image:
-    "The control picture of `scene` of one of `CONTROL_KINDS`."
-    if kind == 'silhouette': return silhouette(scene, size)
-    if kind == 'outline': return outline(scene, size)
-    if kind == 'scribble': return scribble(scene, seed, size)
-    raise ValueError(f"kind={kind!r} is not one of {list(CONTROL_KINDS)}")
-
-# %% ../nbs/08_controlnet.ipynb #mask
-def control_mask(control: Image.Image) -> np.ndarray:
-    "The region a control asks for, as a boolean H x W mask: its white part with the holes filled (an outline's inside)."
-    from scipy import ndimage
-    a = np.asarray(control.convert('L')) >= 128
-    return ndimage.binary_fill_holes(ndimage.binary_closing(a, iterations=2) | a)
-
-# %% ../nbs/08_controlnet.ipynb #drawing
-def from_drawing(drawing,               # a PIL image or path: dark lines on light paper, or light on dark
-                 size: int = SIZE       # the control's width and height (the model's picture size)
-                ) -> Image.Image:
-    "A control picture from a student's drawing: grey, made white-on-black if it is dark-on-light, resized to `size`."
-    img = Image.open(drawing) if isinstance(drawing, (str, os.PathLike)) else drawing
-    if not isinstance(img, Image.Image): raise TypeError(f"drawing is a {type(img).__name__}; pass a PIL image or a path")
-    grey = img.convert('L')
-    if np.asarray(grey).mean() > 127: grey = ImageOps.invert(grey)   # paper is the larger part: make it black
-    grey = grey.resize((size, size), Image.BOX if grey.width > size else Image.BILINEAR)
-    return grey.convert('RGB')
+__all__ = ['CONDITIONING_CHANNELS', 'CONTROLNET_MODEL', 'CONTROLNET_NAME', 'PIPELINE_CLASSES', 'RUN_FIELDS', 'RESULT_FILES',
+           'RUN_RECORDS', 'make_controlnet', 'ControlledUNet', 'control_batch', 'save_controlled', 'replay_controlled',
+           'load_controlnet', 'controlnet_pipeline', 'ControlNetConfig', 'resumable_checkpoint', 'clear_run',
+           'StepBatches', 'step_batches', 'ControlNetResult', 'train_controlnet', 'main']
 
 # %% ../nbs/08_controlnet.ipynb #model
 CONDITIONING_CHANNELS = (16, 32, 64, 64)   # three stride-2 convolutions: 64 px controls down to the 8x8 latents
@@ -130,10 +72,6 @@ class ControlledUNet(torch.nn.Module):
                          mid_block_additional_residual=mid, **kwargs)
 
 # %% ../nbs/08_controlnet.ipynb #batch
-def _seed(*parts) -> int:
-    "A 63-bit seed from any parts (the same parts, the same seed, on every machine)."
-    return int.from_bytes(hashlib.sha256(':'.join(map(str, parts)).encode()).digest()[:8], 'little') >> 1
-
 def control_batch(step: int,               # which batch (counting from 0)
                   batch_size: int,         # examples per batch
                   seed: int = 0,           # the run's seed
@@ -142,7 +80,7 @@ def control_batch(step: int,               # which batch (counting from 0)
                   rank: int = 0            # this process (of a multi-GPU run)
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     "Pictures (B x 3 x 64 x 64 in [-1, 1]), their controls (B x 3 x 64 x 64 in [0, 1]) and captions of batch `step`: the same for the same seed and step, always."
-    rng = random.Random(_seed('controlnet', seed, step, rank))
+    rng = random.Random(run_seed('controlnet', seed, step, rank))
     pix, ctl, caps = [], [], []
     for _ in range(batch_size):
         scene = random_scene(rng, shapes=tuple(shapes))
@@ -151,100 +89,6 @@ def control_batch(step: int,               # which batch (counting from 0)
         ctl.append(torch.from_numpy(np.asarray(c, np.float32) / 255).permute(2, 0, 1))
         caps.append(caption(scene, rng))
     return torch.stack(pix), torch.stack(ctl), caps
-
-# %% ../nbs/08_controlnet.ipynb #heldout
-def shape_prompt(scene: Scene) -> str:
-    "The full prompt of `scene`'s colours and shape: 'a red circle on a blue background'."
-    return f"a {scene.colour} {scene.shape} on a {scene.background} background".replace('a orange', 'an orange')
-
-def heldout_controls(n: int = 32,             # how many
-                     kind: str = 'silhouette', # control kind
-                     seed: int = 0            # which ones (never a training batch: another stream of scenes)
-                    ) -> tuple[list[Scene], list[Image.Image], list[str]]:
-    "`n` scenes no training run draws, their controls and prompts: the test set of the measurements."
-    rng = random.Random(_seed('heldout', seed))
-    scenes = [random_scene(rng) for _ in range(n)]
-    return scenes, [control_image(s, kind, seed=rng.randrange(2 ** 31)) for s in scenes], [shape_prompt(s) for s in scenes]
-
-def control_iou(images,      # generated pictures
-                controls,    # the control of each (or one for all)
-                prompts      # the prompt of each: its colour and background find the object
-               ) -> list[float]:
-    "IoU of each picture's object (its pixels nearer the prompt's colour than the background's) with the region its control asks for."
-    from sd_intro.shapes import parse_caption
-    images = list(images)
-    controls = list(controls) if isinstance(controls, (list, tuple)) else [controls] * len(images)
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-    if not len(images) == len(controls) == len(prompts): raise ValueError(
-        f"control_iou: {len(images)} images, {len(controls)} controls and {len(prompts)} prompts; pass one of each per image")
-    out = []
-    for img, c, p in zip(images, controls, prompts):
-        words = parse_caption(p)
-        m, want = object_mask(img, words['colour'], words['background']), control_mask(c)
-        out.append(float((m & want).sum() / max((m | want).sum(), 1)))
-    return out
-
-# %% ../nbs/08_controlnet.ipynb #measure
-@dataclass
-class ControlScores:
-    "Held-out controls measured at one conditioning scale: IoU of object and control, and the judge's adherence."
-    scale: float | None            # controlnet_conditioning_scale (None: the base model, no ControlNet)
-    iou: list                      # IoU of each picture's object with its control's region
-    adherence: dict                # judged share of pictures showing what the prompt names: colour, shape, background
-    images: list = dataclasses.field(default_factory=list, repr=False)
-    @property
-    def mean_iou(self) -> float: return float(np.mean(self.iou))
-    def row(self) -> dict:
-        "A table row: the scale, mean IoU, share of pictures with IoU >= 0.8, adherence."
-        return dict(scale='no ControlNet' if self.scale is None else self.scale, iou=round(self.mean_iou, 3),
-                    iou_08=round(float(np.mean(np.array(self.iou) >= 0.8)), 3),
-                    **{k: round(v, 3) for k, v in self.adherence.items()})
-
-def control_scores(pipe,                     # a ControlNet pipeline, or a plain one (the base model: the seed alone decides where)
-                   controls, prompts,        # held-out controls and their prompts (`heldout_controls`)
-                   scale: float | None = 1.0, # controlnet_conditioning_scale (ignored for a plain pipeline)
-                   seed: int = 1000,         # seeds seed, seed+1, ... (never a training seed)
-                   num_inference_steps: int = 20,
-                   guidance_scale: float = 7.5
-                  ) -> ControlScores:
-    "Pictures of `prompts` steered by `controls` at `scale`, measured: IoU with the controls, and colour/shape/background adherence."
-    from sd_intro.shapes import adherence
-    controlled = getattr(pipe, 'controlnet', None) is not None
-    kw = dict(image=list(controls), controlnet_conditioning_scale=scale) if controlled else {}
-    imgs = generate(pipe, list(prompts), seed=list(range(seed, seed + len(prompts))), num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, **kw).images
-    adh = adherence(imgs, prompts)
-    return ControlScores(scale if controlled else None, control_iou(imgs, controls, prompts),
-                         {k: adh[k] for k in ('colour', 'shape', 'background') if k in adh}, imgs)
-
-def scale_sweep(cpipe,                       # a ControlNet pipeline
-                controls, prompts,
-                scales: Sequence[float] = (0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5),
-                **kwargs                     # `control_scores`' seed, num_inference_steps, guidance_scale
-               ) -> dict[float, ControlScores]:
-    "`control_scores` at each conditioning scale."
-    return {s: control_scores(cpipe, controls, prompts, s, **kwargs) for s in scales}
-
-# %% ../nbs/08_controlnet.ipynb #conflict
-def conflict(cpipe,                        # a ControlNet pipeline
-             control_shape: str = 'star',  # the shape the control draws
-             prompt_shape: str = 'circle', # the shape the prompt names
-             scales: Sequence[float] = (0, 0.5, 1.0, 1.5),
-             n: int = 16, seed: int = 2000, kind: str = 'outline', num_inference_steps: int = 20
-            ) -> dict[float, dict]:
-    "A control and a prompt that disagree: at each scale, the share of pictures the judge reads as each shape, and IoU with the control."
-    rng = random.Random(_seed('conflict', seed))
-    scenes = [replace(random_scene(rng, shapes=(control_shape,)), style='flat') for _ in range(n)]
-    controls = [control_image(s, kind, seed=i) for i, s in enumerate(scenes)]
-    prompts = [shape_prompt(replace(s, shape=prompt_shape)) for s in scenes]
-    res = {}
-    for sc in scales:
-        imgs = generate(cpipe, prompts, seed=list(range(seed, seed + n)), image=controls, controlnet_conditioning_scale=sc,
-                        num_inference_steps=num_inference_steps).images
-        shapes_seen = [v['shape'][0] for v in judge(imgs)]
-        res[sc] = dict({s: shapes_seen.count(s) / n for s in (control_shape, prompt_shape)},
-                       iou=float(np.mean(control_iou(imgs, controls, prompts))), images=imgs, controls=controls)
-    return res
 
 # %% ../nbs/08_controlnet.ipynb #save
 def _beside(path: Path) -> Path: return path.with_name(path.stem + '.control.png')
@@ -282,26 +126,6 @@ def replay_controlled(path: str | os.PathLike, # a PNG written by `save_controll
     if missing: raise FileNotFoundError(f"replay_controlled: {missing} not found; save_controlled writes the picture and "
                                         f"its .control.png together: keep them together")
     return replay(path, cpipe, control_image=Image.open(cpath).convert('RGB'))
-
-# %% ../nbs/08_controlnet.ipynb #edges
-def edge_map(img,                  # a PIL image (or path): a photo, a drawing
-             size: int | None = None, # the edge map's width and height (default: the picture's)
-             low: float = 0.1,     # weak-edge threshold, as a share of the strongest edge
-             high: float = 0.3     # strong-edge threshold: weak edges are kept where they touch a strong one (Canny's hysteresis)
-            ) -> Image.Image:
-    "White edges on black, as Canny ControlNets are trained on: Sobel gradients of the grey picture, thresholded with hysteresis."
-    from scipy import ndimage
-    img = Image.open(img) if isinstance(img, (str, os.PathLike)) else img
-    if not isinstance(img, Image.Image): raise TypeError(f"img is a {type(img).__name__}; pass a PIL image or a path")
-    if not 0 <= low <= high <= 1: raise ValueError(f"low={low}, high={high}: use 0 <= low <= high <= 1")
-    g = np.asarray(img.convert('L').resize((size, size), Image.LANCZOS) if size else img.convert('L'), np.float32)
-    g = ndimage.gaussian_filter(g, 1.0)
-    mag = np.hypot(ndimage.sobel(g, 0), ndimage.sobel(g, 1))
-    mag /= max(float(mag.max()), 1e-6)
-    weak, strong = mag >= low, mag >= high
-    lab, n = ndimage.label(weak)
-    keep = np.isin(lab, np.unique(lab[strong])) & weak
-    return Image.fromarray(np.stack([keep.astype(np.uint8) * 255] * 3, -1), 'RGB')
 
 # %% ../nbs/08_controlnet.ipynb #pipeline
 CONTROLNET_MODEL = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-controlnet')
@@ -554,7 +378,7 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
     run = json.loads(json.dumps(dict({k: getattr(cfg, k) for k in RUN_FIELDS}, model=model_name, fingerprint=fingerprint,
                                      world=acc.num_processes)))
     for part in (pipe.unet, pipe.vae, pipe.text_encoder): part.requires_grad_(False)
-    cn = make_controlnet(pipe.unet, cfg.conditioning_channels, _seed('init', cfg.seed) % 2 ** 32, cfg.zero_embedding_out).to(device)
+    cn = make_controlnet(pipe.unet, cfg.conditioning_channels, run_seed('init', cfg.seed) % 2 ** 32, cfg.zero_embedding_out).to(device)
     optimizer = torch.optim.AdamW(cn.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_sched = get_scheduler('constant_with_warmup', optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -616,7 +440,7 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
     def step(i):
         "ControlNet step `i`: its pictures, controls and captions, one clipped AdamW step; the loss averaged over processes."
         pixels, control, caps = next(batches)
-        g = torch.Generator().manual_seed(_seed('noise', cfg.seed, i, rank))
+        g = torch.Generator().manual_seed(run_seed('noise', cfg.seed, i, rank))
         with torch.no_grad():
             latents = vae_latents(pipe.vae, pixels.to(device), g)
             cond = pipe.encode_prompt(caps, device, 1, False)[0]
@@ -650,31 +474,6 @@ def _train(out: Path, model, cfg: ControlNetConfig, acc) -> ControlNetResult:
     net.eval()
     return ControlNetResult(controlnet=net, losses=losses, history=history, config=cfg, out=out, saved=saved,
                             seconds=seconds, step=stop, main_process=main)
-
-# %% ../nbs/08_controlnet.ipynb #curve
-def snapshot_steps(out: str | os.PathLike) -> list[int]:
-    "The steps of the weight snapshots a training run kept in `out`/snapshots, in order."
-    return sorted(int(p.stem[5:]) for p in (Path(out) / 'snapshots').glob('step-*.safetensors') if re.fullmatch(r'step-\d+', p.stem))
-
-def iou_by_step(cpipe,                      # a ControlNet pipeline of the run's model (its ControlNet's weights are swapped)
-                out: str | os.PathLike,     # the run folder
-                controls, prompts,
-                steps: Sequence[int] | None = None, # which snapshots (default: all)
-                **kwargs                    # `control_scores`' settings
-               ) -> dict[int, float]:
-    "Mean IoU of the held-out controls with the weights of each snapshot of a run: when the control 'clicks'."
-    steps = snapshot_steps(out) if steps is None else list(steps)
-    if not steps: raise FileNotFoundError(f"{out}: no snapshots/step-*.safetensors; train with checkpoint_every= to keep them")
-    from sd_intro.core import pipe_lock
-    res = {}
-    with pipe_lock(cpipe):   # the weights are swapped: no other thread draws with this ControlNet meanwhile
-        keep = {k: v.clone() for k, v in cpipe.controlnet.state_dict().items()}
-        try:
-            for s in steps:
-                cpipe.controlnet.load_state_dict(load_file(str(Path(out) / 'snapshots' / f"step-{s:06d}.safetensors")))
-                res[s] = control_scores(cpipe, controls, prompts, 1.0, **kwargs).mean_iou
-        finally: cpipe.controlnet.load_state_dict(keep)
-    return res
 
 # %% ../nbs/08_controlnet.ipynb #run
 #| eval: false

@@ -4,226 +4,31 @@
 
 # %% ../nbs/05_finetuning.ipynb #e4686c46
 from __future__ import annotations
-import argparse, contextlib, copy, dataclasses, hashlib, inspect, json, os, random, re, shutil, sys, time, warnings
-from dataclasses import dataclass, field, asdict
-from functools import lru_cache
+import contextlib, copy, dataclasses, inspect, json, os, re, shutil, sys, time, warnings
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_dir, atomic_file, save_pipeline, EMBEDDED_MODEL,
-                   Extra, add_extra, lora_record, is_real, is_whole)
-from .embedded import diffusion_loss, EVAL_PROMPTS
-from .training import (IMAGE_EXTENSIONS, rgb_image, check_imagefolder, model_fingerprint, checkpoint_dir, checkpoints,
+from .core import (load_pipeline, generate, image_grid, resolve_model, atomic_file, save_pipeline, Extra, add_extra,
+                          lora_record, is_real, is_whole)
+from .embedded import diffusion_loss
+from .training import (IMAGE_EXTENSIONS, check_imagefolder, model_fingerprint, checkpoint_dir, checkpoints,
                                latest_checkpoint, save_checkpoint, load_checkpoint, resumable, clear_temporaries, run_lock,
-                               changed_settings, refuse_resume, save_lora, train_loop)
+                               changed_settings, refuse_resume, save_lora, train_loop, run_seed)
 _all_ = ['IMAGE_EXTENSIONS', 'check_imagefolder', 'model_fingerprint', 'checkpoint_dir', 'checkpoints', 'latest_checkpoint',
          'save_checkpoint', 'load_checkpoint', 'run_lock']   # moved to sd_intro.training; still importable from here
-from .shapes import BASE_SHAPES, HELD_OUT, SHAPES, COLOURS, STYLES, RADIUS_RANGE, SIZE_CUTS, random_scene, render, caption, to_pil
+from .captioned import (CaptionedImages, DATASETS, load_captioned, prepare_image, batch_indices, training_batch,
+                                training_batches, vae_latents)
+from .creatures import (NEW_CAPTION_KINDS, OLD_CAPTION_KINDS, CREATURE_SCENE, UNSEEN_PAIRS, write_shapes_folder, CREATURE_LORA,
+                                creature_prompts, concept_scores, size_ranges, vae_round_trip, ears_kept)
 
 # %% auto #0
-__all__ = ['DATASETS', 'NEW_CAPTION_KINDS', 'OLD_CAPTION_KINDS', 'CREATURE_SCENE', 'UNSEEN_PAIRS', 'LORA_TARGETS', 'METHODS',
-           'RUN_FIELDS', 'CREATURE_LORA', 'POKEMON_PROMPTS', 'RECIPES', 'CaptionedImages', 'load_captioned',
-           'write_shapes_folder', 'prepare_image', 'batch_indices', 'training_batch', 'trainable_unet',
-           'FinetuneConfig', 'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'vae_latents',
-           'finetune', 'creature_prompts', 'concept_scores', 'size_ranges', 'vae_round_trip', 'ears_kept', 'main',
+__all__ = ['LORA_TARGETS', 'METHODS', 'RUN_FIELDS', 'POKEMON_PROMPTS', 'RECIPES', 'trainable_unet', 'FinetuneConfig',
+           'render_validation', 'validation_grid', 'FinetuneResult', 'save_finetuned', 'finetune', 'main',
            'IMAGE_EXTENSIONS', 'check_imagefolder', 'model_fingerprint', 'checkpoint_dir', 'checkpoints',
            'latest_checkpoint', 'save_checkpoint', 'load_checkpoint', 'run_lock']
-
-# %% ../nbs/05_finetuning.ipynb #e20ad0b1
-class CaptionedImages:
-    "Images with one caption each (a `datasets.Dataset` and its two column names); errors name the file or row."
-    def __init__(self, ds, image_column: str = 'image', caption_column: str = 'text', name: str = 'the dataset'):
-        self.ds, self.image_column, self.caption_column, self.name = ds, image_column, caption_column, name
-        self.captions = list(ds[caption_column])
-    def __len__(self): return len(self.captions)
-    def where(self, i: int) -> str:
-        "The file row `i` came from, or 'row i of the dataset'."
-        try:
-            import datasets
-            if isinstance(self.ds.features[self.image_column], datasets.Image):
-                path = self.ds.cast_column(self.image_column, datasets.Image(decode=False))[i][self.image_column].get('path')
-                if path: return Path(path).name
-        except Exception: pass
-        return f"row {i} of {self.name}"
-    def image(self, i: int) -> Image.Image:
-        "Row `i`'s picture, as an RGB PIL image."
-        try: value = self.ds[i][self.image_column]
-        except Exception as e: raise ValueError(f"{self.where(i)}: not a readable image ({type(e).__name__}: {e})") from e
-        return rgb_image(value, lambda: self.where(i), self.image_column)
-    def __getitem__(self, i: int): return self.image(i), self.captions[i]
-    def show(self, n: int = 8, scale: int = 1) -> Image.Image:
-        "The first `n` pictures as a grid (captions are in `.captions`)."
-        return image_grid([self.image(i).resize((64, 64)) for i in range(min(n, len(self)))], scale=scale)
-    def __repr__(self): return f"CaptionedImages({len(self)} pictures of {self.name}, columns {self.image_column!r}/{self.caption_column!r})"
-
-# %% ../nbs/05_finetuning.ipynb #7dfefee4
-DATASETS = {
-    'lambdalabs/pokemon-blip-captions': "the original of the notes: 833 Pokémon pictures (from the FastGAN few-shot set) with "
-        "BLIP captions, licence cc-by-nc-sa-4.0; gated now (accept its terms on its Hub page and log in with `hf auth login`)",
-    'reach-vb/pokemon-blip-captions': "a copy of the original (the same 833 pictures and captions), licence cc-by-nc-sa-4.0: "
-        "non-commercial use, share alike, credit the authors",
-    'lambdalabs/naruto-blip-captions': "about 1,200 Naruto pictures from narutopedia.com with BLIP captions (the set diffusers' "
-        "text-to-image docs use now); its card names no licence, and the pictures are copyrighted artwork: research and "
-        "personal use only",
-}
-
-def _dataset_error(name, err):
-    alt = '; '.join(f"{k}: {v}" for k, v in DATASETS.items() if k != name)
-    return OSError(f"data={name!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}). If it is gated, accept its "
-                   f"terms on the Hub and log in; without internet, pass a local imagefolder. Alternatives: {alt}")
-
-def _check_dataset(ds, image_column, caption_column, name, check_images):
-    cols = list(ds.column_names)
-    for arg, col in (('image_column', image_column), ('caption_column', caption_column)):
-        if col not in cols: raise ValueError(f"{arg}={col!r} is not a column of {name}: its columns are {cols}; pass {arg}=<one of those>")
-    if len(ds) == 0: raise ValueError(f"{name} is empty: it has no rows")
-    data = CaptionedImages(ds, image_column, caption_column, name)
-    for i, c in enumerate(data.captions):
-        if isinstance(c, (list, tuple)):
-            raise ValueError(f"{data.where(i)}: column {caption_column!r} holds several captions per picture; keep one (e.g. with ds.map)")
-        if not isinstance(c, str) or not c.strip(): raise ValueError(f"{data.where(i)}: blank caption in column {caption_column!r}")
-    if check_images:
-        import datasets
-        raw = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(ds.features[image_column], datasets.Image) else ds
-        for i, v in enumerate(raw[image_column]):
-            rgb_image(v, Path(v['path']).name if isinstance(v, dict) and v.get('path') else f"row {i} of {name}", image_column)
-    return data
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    import datasets
-    was = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try: yield
-    finally:
-        if was: datasets.enable_progress_bars()
-
-# %% ../nbs/05_finetuning.ipynb #2e7f8c0b
-def load_captioned(source,                     # a folder (imagefolder), a `datasets.Dataset`/`DatasetDict`, a Hub id, or `CaptionedImages`
-                   image_column: str = 'image', # the image column (a folder's is always 'image')
-                   caption_column: str = 'text', # the caption column (a folder's: the caption field of metadata.jsonl)
-                   split: str = 'train',        # which split of a `DatasetDict` or Hub dataset
-                   check_images: bool = True    # open every picture before training, so a bad one fails now, by name
-                  ) -> CaptionedImages:
-    "Captioned pictures to train on, checked: errors name the file, row or column at fault."
-    import datasets
-    if isinstance(source, CaptionedImages): return source
-    if isinstance(source, datasets.DatasetDict):
-        if split not in source: raise ValueError(f"split={split!r} is not in the dataset: its splits are {list(source)}")
-        source = source[split]
-    if isinstance(source, datasets.Dataset): return _check_dataset(source, image_column, caption_column, 'the dataset', check_images)
-    s = str(source)
-    if Path(s).expanduser().exists() or Path(s).is_absolute() or s.startswith('.') or not re.fullmatch(r'[\w.-]+/[\w.-]+', s):
-        folder = Path(s).expanduser()
-        check_imagefolder(folder, caption_column, check_images)
-        with _quiet_datasets(): ds = datasets.load_dataset('imagefolder', data_dir=str(folder), split='train')
-        return _check_dataset(ds, 'image', caption_column, str(folder), check_images=False)
-    try:
-        with _quiet_datasets(): ds = datasets.load_dataset(s, split=split)
-    except Exception as e: raise _dataset_error(s, e) from e
-    return _check_dataset(ds, image_column, caption_column, s, check_images)
-
-# %% ../nbs/05_finetuning.ipynb #a6261f01
-NEW_CAPTION_KINDS = {'full': 0.6, 'no_background': 0.15, 'no_colour': 0.15, 'shape': 0.1}  # each names the shape
-OLD_CAPTION_KINDS = {'full': 0.7, 'no_background': 0.1, 'no_colour': 0.1, 'no_shape': 0.05, 'shape': 0.05}
-# The creature as the VAE can carry it: its decoder keeps the ears of large, flat creatures and loses most small ones
-# (measured in the lesson), so the pictures that teach it are large and flat.
-CREATURE_SCENE = dict(styles=('flat',), radius_range=(0.3, 0.375))
-_C = list(COLOURS)   # colour pairs no creature picture shows: the prompts that measure it were never trained on
-UNSEEN_PAIRS = tuple((c, _C[(i + k) % len(_C)]) for i, c in enumerate(_C) for k in (1, 3))
-
-def write_shapes_folder(folder: str | os.PathLike, # where to write (created; must be empty or absent)
-                        n_new: int = 192,           # pictures of the new shape
-                        n_old: int = 64,            # pictures of the base shapes, mixed in against forgetting
-                        seed: int = 0,              # fixed seed: the same pictures every time
-                        new_shape: str = HELD_OUT,  # the shape to teach
-                        new_scene: dict | None = None # `random_scene` settings of its pictures (default for the creature: `CREATURE_SCENE`)
-                       ) -> Path:
-    "Write a captioned imagefolder of the shapes world: `n_new` pictures of `new_shape` (never in `UNSEEN_PAIRS`' colours) and `n_old` of the base shapes."
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir(): raise FileExistsError(f"folder={str(folder)!r} is a file; pass a folder")
-    if new_shape not in SHAPES: raise ValueError(f"new_shape={new_shape!r} is not a shape of this world: one of {list(SHAPES)}")
-    for k, v in (('n_new', n_new), ('n_old', n_old)):
-        if not is_whole(v) or v < 0: raise ValueError(f"{k}={v!r}: use a whole number, 0 or more")
-    if n_new + n_old == 0: raise ValueError("n_new and n_old are both 0: ask for at least one picture")
-    if new_scene is None: new_scene = CREATURE_SCENE if new_shape == HELD_OUT else {}
-    bad = set(new_scene) - set(inspect.signature(random_scene).parameters) | {'rng', 'shapes'} & set(new_scene)
-    if bad: raise TypeError(f"new_scene={new_scene!r}: {sorted(bad)} are not settings of `random_scene` (use styles=, radius_range=, ...)")
-    if folder.exists() and any(folder.iterdir()): raise FileExistsError(f"{folder} is not empty; pass a new or empty folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    rng, lines = random.Random(seed), []
-    with atomic_dir(folder) as tmp:   # Ctrl-C half-way leaves no folder of pictures without their metadata.jsonl
-        for i in range(n_new + n_old):
-            new = i < n_new
-            scene = random_scene(rng, shapes=(new_shape,), **new_scene) if new else random_scene(rng, shapes=BASE_SHAPES)
-            while new and (scene.colour, scene.background) in UNSEEN_PAIRS: scene = random_scene(rng, shapes=(new_shape,), **new_scene)
-            kinds = NEW_CAPTION_KINDS if new else OLD_CAPTION_KINDS
-            text = caption(scene, rng, rng.choices(list(kinds), weights=list(kinds.values()))[0])
-            name = f"{'new' if new else 'old'}-{i:04d}.png"
-            to_pil(render(scene)).save(tmp / name)
-            lines.append(json.dumps({'file_name': name, 'text': text}))
-        (tmp / 'metadata.jsonl').write_text('\n'.join(lines) + '\n')
-    return folder
-
-# %% ../nbs/05_finetuning.ipynb #0cb56a23
-def prepare_image(img: Image.Image,     # a picture, any size
-                  resolution: int,      # side of the square to train on
-                  center_crop: bool = True, # crop at the centre (else at a random place)
-                  random_flip: bool = False, # flip left-right half of the time
-                  rng: random.Random | None = None # source of the random crop and flip
-                 ) -> torch.Tensor:
-    "Resize the shorter side to `resolution`, crop square, maybe flip: a 3 x R x R tensor in [-1, 1]."
-    rng = rng or random.Random(0)
-    img = img.convert('RGB')
-    w, h = img.size
-    s = resolution / min(w, h)
-    if s != 1: img = img.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
-    w, h = img.size
-    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (rng.randint(0, w - resolution), rng.randint(0, h - resolution))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5: img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)
-
-# %% ../nbs/05_finetuning.ipynb #dc3b4ac5
-def _seed(*parts) -> int:
-    "A 63-bit seed from any parts (the same parts, the same seed, on every machine)."
-    return int.from_bytes(hashlib.sha256(':'.join(map(str, parts)).encode()).digest()[:8], 'little') >> 1
-
-@lru_cache(maxsize=8)
-def _permutation(n, seed, epoch): return torch.randperm(n, generator=torch.Generator().manual_seed(_seed('order', seed, epoch))).tolist()
-
-def batch_indices(n: int,          # rows in the data
-                  batch_size: int, # rows per batch (per process)
-                  step: int,       # which batch (counting from 0)
-                  seed: int = 0,   # the run's seed
-                  rank: int = 0,   # this process (of `world`)
-                  world: int = 1   # number of processes
-                 ) -> list[int]:
-    "The rows of process `rank`'s batch at `step`: one permutation per epoch, decided by `seed` and the epoch alone."
-    start = step * batch_size * world + rank * batch_size
-    return [_permutation(n, seed, p // n)[p % n] for p in range(start, start + batch_size)]
-
-# %% ../nbs/05_finetuning.ipynb #d3e6ca82
-def training_batch(data: CaptionedImages, # the pictures
-                   step: int,             # which batch
-                   batch_size: int,       # pictures per batch
-                   resolution: int,       # training size
-                   seed: int = 0,         # the run's seed
-                   center_crop: bool = True,
-                   random_flip: bool = False,
-                   caption_dropout: float = 0.0, # share of captions replaced by '' (trains the unconditional prediction)
-                   rank: int = 0, world: int = 1
-                  ) -> tuple[torch.Tensor, list[str]]:
-    "Pixels (B x 3 x R x R in [-1, 1]) and captions of batch `step`: the same for the same seed and step, always."
-    rng = random.Random(_seed('augment', seed, step, rank))
-    pixels, caps = [], []
-    for i in batch_indices(len(data), batch_size, step, seed, rank, world):
-        img, cap = data[i]
-        pixels.append(prepare_image(img, resolution, center_crop, random_flip, rng))
-        caps.append('' if caption_dropout and rng.random() < caption_dropout else cap)
-    return torch.stack(pixels), caps
 
 # %% ../nbs/05_finetuning.ipynb #9b128287
 LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0')
@@ -399,7 +204,7 @@ def _training_pipeline(model, method, cfg, device, weight_dtype):
     from diffusers import StableDiffusionPipeline
     base = model if hasattr(model, 'components') else load_pipeline(model, device='cpu', dtype=torch.float32)
     unet = copy.deepcopy(base.unet)
-    params = trainable_unet(unet, method, cfg.rank, cfg.lora_alpha, seed=_seed('lora', cfg.seed) % 2**32)
+    params = trainable_unet(unet, method, cfg.rank, cfg.lora_alpha, seed=run_seed('lora', cfg.seed) % 2**32)
     unet.to(device)
     if method == 'lora' and weight_dtype != torch.float32:  # frozen base in half precision, adapter in float32
         unet.to(dtype=weight_dtype)
@@ -427,19 +232,6 @@ def _accelerator(mixed_precision):
         return Accelerator(mixed_precision=mixed_precision)
 
 # %% ../nbs/05_finetuning.ipynb #9dc9d11e
-class _StepBatches(torch.utils.data.Dataset):
-    "Batch number i of a run, as a dataset (so DataLoader workers can prepare the next ones while the GPU trains)."
-    def __init__(self, data, last, **kw): self.data, self.last, self.kw = data, last, kw
-    def __len__(self): return self.last
-    def __getitem__(self, i): return training_batch(self.data, i, **self.kw)
-
-def _micro_batches(data, cfg, resolution, first, last, rank, world):
-    "Batches `first` ... `last`-1 in order, prepared in DataLoader workers when `cfg.num_workers` > 0."
-    ds = _StepBatches(data, last, batch_size=cfg.batch_size, resolution=resolution, seed=cfg.seed, center_crop=cfg.center_crop,
-                      random_flip=cfg.random_flip, caption_dropout=cfg.caption_dropout, rank=rank, world=world)
-    if not cfg.num_workers: return (ds[i] for i in range(first, last))
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(first, last), num_workers=cfg.num_workers))
-
 def _load_history(out, upto, size: int | None = None):
     "Validation images already rendered by an earlier part of a resumed run (tiles of `size` px; strips enlarged by older versions are shrunk back exactly)."
     hist = {}
@@ -456,11 +248,6 @@ def _load_history(out, upto, size: int | None = None):
                 tiles = [t.resize((size, size), Image.NEAREST) for t in tiles]   # undoes a whole-times enlargement exactly
             hist[s] = tiles
     return hist
-
-def _data_id(data: CaptionedImages) -> dict:
-    "What a run trained on, as its checkpoints record it: where from, how many pictures, and a hash of their captions."
-    return dict(source=str(data.name), pictures=len(data),
-                captions=hashlib.sha256('\n'.join(map(str, data.captions)).encode()).hexdigest()[:16])
 
 def _same_run(saved: dict, cfg: FinetuneConfig, world: int, model: str, data: dict | None = None, precision=None):
     "Refuse to resume a checkpoint made with other data or settings (its losses would not continue the run's), naming each change; with `resume_changed=True`, warn instead."
@@ -481,11 +268,6 @@ def save_finetuned(pipe,                 # the fine-tuned pipeline
     dest = Path(out) / ('pipeline' if method == 'full' else 'lora')
     if method == 'full': return save_pipeline(pipe, dest)   # a whole pipeline, loadable by every allowed version
     return save_lora(pipe.unet, dest)   # the training loop's LoRA saver (files of the user's there stay)
-
-# %% ../nbs/05_finetuning.ipynb #5a9131c9
-def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
-    "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
-    return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
 
 # %% ../nbs/05_finetuning.ipynb #dc8ce069
 def _check_apart(data, out: Path):
@@ -558,7 +340,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
                       f"if you meant to continue one)")
     with acc.main_process_first():
         data = load_captioned(data, cfg.image_column, cfg.caption_column, check_images=cfg.check_images)
-    data_id = _data_id(data)
+    data_id = data.record()
     pipe, named = _training_pipeline(model, cfg.method, cfg, device, weight_dtype)
     unet, params = pipe.unet, [p for _, p in named]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -625,14 +407,16 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     if start == 0: validate(0)
     stop = cfg.stop_at or cfg.steps
     accum = cfg.gradient_accumulation
-    batches = _micro_batches(data, cfg, resolution, start * accum, stop * accum, rank, world)
+    batches = training_batches(data, start * accum, stop * accum, cfg.num_workers, batch_size=cfg.batch_size, resolution=resolution,
+                               seed=cfg.seed, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                               caption_dropout=cfg.caption_dropout, rank=rank, world=world)
 
     def step(i):
         "Optimiser step `i`: `accum` micro-batches, clipping, the schedule and the EMA; returns the loss averaged over processes."
         total = torch.zeros((), device=device)
         for micro in range(accum):
             pixels, caps = next(batches)
-            g = torch.Generator(device).manual_seed(_seed('noise', cfg.seed, i, micro, rank))
+            g = torch.Generator(device).manual_seed(run_seed('noise', cfg.seed, i, micro, rank))
             with torch.no_grad():
                 latents = vae_latents(pipe.vae, pixels.to(device, weight_dtype), g)
                 cond = pipe.encode_prompt(caps, device, 1, False)[0]
@@ -673,63 +457,6 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     unet.eval()
     return FinetuneResult(pipe=pipe, losses=losses, validation=history, config=cfg, out=out, saved=saved,
                           seconds=seconds, step=stop, main_process=acc.is_main_process)
-
-# %% ../nbs/05_finetuning.ipynb #46e4384c
-CREATURE_LORA = Path(EMBEDDED_MODEL).parent / 'shapes-creature-lora'   # the longer run's LoRA, shipped (recipe 'shapes-creature')
-
-def creature_prompts(n: int = 32, seed: int = 0, shape: str = HELD_OUT,
-                     size: str = '',     # a size word ('large', 'small') or none
-                     pairs=UNSEEN_PAIRS  # (colour, background) pairs to draw from (default: those no training picture shows)
-                    ) -> list[str]:
-    "`n` fixed prompts 'a <colour> <shape> on a <colour> background', colours drawn from `pairs`."
-    rng, pairs = random.Random(seed), list(pairs)
-    return [f"a {size + ' ' if size else ''}{c} {shape} on a {b} background".replace('a orange', 'an orange')
-            for c, b in (rng.choice(pairs) for _ in range(n))]
-
-def concept_scores(pipe,                 # a pipeline (tuned or not)
-                   n: int = 32,          # images per measure
-                   steps: int = 20,      # sampler steps
-                   guidance_scale: float = 7.5,
-                   seed: int = 1000      # seeds seed, seed+1, ... (never the training seeds)
-                  ) -> dict:
-    "Creature prompts (half with 'large'): read as creatures by the judge ('new') and by their outline ('ears'), colours; base prompts' adherence ('old')."
-    from sd_intro.shapes import adherence, creature_verdicts
-    new = [p for a, b in zip(creature_prompts(n - n // 2), creature_prompts(n // 2, size='large')) for p in (a, b)]
-    new += creature_prompts(n - n // 2)[n // 2:]
-    old = [EVAL_PROMPTS[i % len(EVAL_PROMPTS)] for i in range(n)]
-    imgs = generate(pipe, new, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale).images
-    a_new, v = adherence(imgs, new), creature_verdicts(imgs, new)
-    a_old = adherence(generate(pipe, old, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale).images, old)
-    return dict(new=a_new['shape'], ears=v['outline'], agree=v['agree'], new_colour=a_new['colour'],
-                new_background=a_new['background'], old=float(np.mean(list(a_old.values()))), old_shape=a_old['shape'])
-
-# %% ../nbs/05_finetuning.ipynb #78d9b40d
-def size_ranges() -> dict:
-    "The radius range of each size word: small, medium and large (`RADIUS_RANGE` cut at `SIZE_CUTS`)."
-    (lo, hi), (a, b) = RADIUS_RANGE, SIZE_CUTS
-    return {'small': (lo, a), 'medium': (a, b), 'large': (b, hi)}
-
-@torch.no_grad()
-def vae_round_trip(vae, images) -> list[np.ndarray]:
-    "uint8 H x W x 3 pictures encoded by `vae` (the latents' mean) and decoded again."
-    x = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    y = vae.decode(vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
-    return list(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-
-def ears_kept(vae,                  # the model's VAE
-              n: int = 32,          # creatures of each size
-              styles=STYLES,        # their styles
-              seed: int = 0) -> dict:
-    "Per size word: the creatures' renders and VAE round trips, and the share of each whose outline shows the ears."
-    from sd_intro.shapes import shows_ears
-    rng, out = random.Random(seed), {}
-    for size, rr in size_ranges().items():
-        scenes = [random_scene(rng, shapes=(HELD_OUT,), styles=styles, radius_range=rr) for _ in range(n)]
-        clean = [render(s) for s in scenes]
-        trip = vae_round_trip(vae, clean)
-        rate = lambda imgs: float(np.mean([shows_ears(i, s.colour, s.background) for i, s in zip(imgs, scenes)]))
-        out[size] = dict(clean=clean, vae=trip, clean_rate=rate(clean), vae_rate=rate(trip))
-    return out
 
 # %% ../nbs/05_finetuning.ipynb #118117fc
 POKEMON_PROMPTS = ('Girl with a pearl earring', 'Totoro', 'Hello Kitty', 'a cute dragon creature')

@@ -18,13 +18,14 @@ from .shapes import Scene, caption, adherence
 from .embedded import cache_latents, encode_text, noisy_scene, EVAL_PROMPTS, CAPTION_NOISE, N_IMAGES
 from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, run_lock, model_fingerprint, EMA,
                                changed_settings, refuse_resume, train_loop)
+from .flow_models import (FLOW_MODEL, FLOW_NAME, flow_scheduler, flow_pipeline, load_flow, with_shift, even_steps, ddim_trailing,
+                                  path_point, flow_img2img, flow_info)
 
 # %% auto #0
-__all__ = ['FLOW_MODEL', 'FLOW_NAME', 'STEP_COUNTS', 'FLOW_RUN_FIELDS', 'VALIDATION_PROMPTS', 'ddpm_noisy', 'flow_noisy',
-           'flow_target', 'flow_timesteps', 'flow_loss', 'flow_scheduler', 'flow_pipeline', 'load_flow', 'with_shift',
-           'even_steps', 'ddim_trailing', 'path_point', 'flow_img2img', 'decode_pictures', 'predicted_finals',
-           'flow_info', 'steps_quality', 'straightness', 'shift_sweep', 'seconds_per_picture', 'FlowConfig', 'flow_lr',
-           'step_seed', 'state_digest', 'flow_latents', 'save_flow_model', 'FlowRun', 'train_flow', 'main']
+__all__ = ['STEP_COUNTS', 'FLOW_RUN_FIELDS', 'VALIDATION_PROMPTS', 'ddpm_noisy', 'flow_noisy', 'flow_target', 'flow_timesteps',
+           'flow_loss', 'decode_pictures', 'predicted_finals', 'steps_quality', 'straightness', 'shift_sweep',
+           'seconds_per_picture', 'FlowConfig', 'flow_lr', 'step_seed', 'state_digest', 'flow_latents',
+           'save_flow_model', 'FlowRun', 'train_flow', 'main']
 
 # %% ../nbs/09_flow.ipynb #1d116a46
 def ddpm_noisy(x0: torch.Tensor,             # clean latents
@@ -75,138 +76,6 @@ def flow_loss(unet,                    # a UNet2DConditionModel
     pred = unet(flow_noisy(latents, noise, sigma), t.to(dev), cond).sample
     return F.mse_loss(pred.float(), flow_target(latents, noise).float())
 
-# %% ../nbs/09_flow.ipynb #224ddc4c
-FLOW_MODEL = str(Path(sd_intro.__file__).parent / 'models' / 'shapes-flow')
-FLOW_NAME = 'embedded-flow'   # what settings record for the shipped flow model
-
-def flow_scheduler(shift: float = 1.0, # the scheduler's `shift`: above 1 spends more steps at high noise
-                   config: dict | None = None # a FlowMatchEulerDiscreteScheduler config to start from
-                  ):
-    "diffusers' `FlowMatchEulerDiscreteScheduler`, ready for `StableDiffusionPipeline` (which reads `init_noise_sigma`: 1 here, the path starts at plain noise)."
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift={shift!r}: use a positive number (1 leaves the schedule as it is; SD3 uses 3)")
-    s = FlowMatchEulerDiscreteScheduler.from_config(dict(config or {}), shift=float(shift))
-    s.init_noise_sigma = 1.0
-    return s
-
-# %% ../nbs/09_flow.ipynb #ffd0ea08
-def flow_pipeline(base,                  # a loaded Stable Diffusion pipeline giving the tokenizer, text encoder and VAE
-                  unet,                  # the flow UNet
-                  scheduler=None,        # a flow scheduler (default: `flow_scheduler()`)
-                  name: str = FLOW_NAME  # what settings record as the model
-                 ):
-    "A `StableDiffusionPipeline` that draws with a flow UNet and diffusers' flow-matching Euler scheduler."
-    from diffusers import StableDiffusionPipeline, FlowMatchEulerDiscreteScheduler
-    scheduler = scheduler if scheduler is not None else flow_scheduler()
-    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        raise TypeError(f"scheduler={type(scheduler).__name__}: a flow UNet needs a FlowMatchEulerDiscreteScheduler "
-                        f"(e.g. flow_scheduler(shift=1.0)); DDPM-style schedulers feed it the wrong inputs")
-    if not hasattr(scheduler, 'init_noise_sigma'): scheduler.init_noise_sigma = 1.0
-    unet.sd_intro_objective = 'flow'   # `generate` refuses it another scheduler, `load_lora` an LCM-LoRA, ControlNets refuse it
-    parts = {k: v for k, v in base.components.items() if k in ('vae', 'text_encoder', 'tokenizer', 'safety_checker', 'feature_extractor')}
-    pipe = StableDiffusionPipeline(**parts, unet=unet, scheduler=scheduler, image_encoder=None,
-                                   requires_safety_checker=False)
-    pipe.sd_intro_model = name
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-# %% ../nbs/09_flow.ipynb #d6f2b4ff
-def load_flow(model: str | os.PathLike | None = None, # a flow model folder (unet/ + scheduler/); default: the shipped one
-              shift: float | None = None,   # sample with this `shift` instead of the folder's
-              device: str | None = None,    # as `load_pipeline` takes it
-              dtype=None
-             ):
-    "A `StableDiffusionPipeline` drawing with a flow model folder's UNet and scheduler, and the embedded model's tokenizer, text encoder and VAE."
-    from diffusers import UNet2DConditionModel
-    folder = Path(model if model is not None else FLOW_MODEL).expanduser()
-    if not folder.is_dir(): raise ValueError(f"model={str(folder)!r}: no such folder; pass a folder written by "
-                                             f"`save_flow_model` (unet/ and scheduler/), or None for the shipped one")
-    for sub, f in (('unet', 'config.json'), ('unet', 'diffusion_pytorch_model.safetensors'), ('scheduler', 'scheduler_config.json')):
-        if not (folder / sub / f).is_file(): raise ValueError(
-            f"model={str(folder)!r} has no {sub}/{f}: a flow model folder holds unet/ (config and safetensors weights) and "
-            f"scheduler/ (FlowMatchEulerDiscreteScheduler), as `save_flow_model` writes them")
-    try: sconf = json.loads((folder / 'scheduler' / 'scheduler_config.json').read_text())
-    except ValueError as e: raise ValueError(f"model={str(folder)!r}: scheduler/scheduler_config.json is not JSON ({e})") from None
-    if not isinstance(sconf, dict) or sconf.get('_class_name') != 'FlowMatchEulerDiscreteScheduler': raise ValueError(
-        f"model={str(folder)!r}: its scheduler is {sconf.get('_class_name') if isinstance(sconf, dict) else sconf!r}, not "
-        f"FlowMatchEulerDiscreteScheduler: this is not a flow model (load a DDPM model with `load_pipeline`)")
-    base = load_pipeline(EMBEDDED_MODEL, device=device, dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder='unet', use_safetensors=True, torch_dtype=base.unet.dtype)
-    conf = {k: v for k, v in sconf.items() if not k.startswith('_')}
-    pipe = flow_pipeline(base, unet.to(base.device), flow_scheduler(conf.pop('shift', 1.0) if shift is None else shift, conf),
-                         name=FLOW_NAME if folder.resolve() == Path(FLOW_MODEL).resolve() else str(folder))
-    return pipe
-
-def with_shift(pipe, shift: float):
-    "A pipeline sharing `pipe`'s parts whose flow scheduler samples with another `shift`."
-    from diffusers import StableDiffusionPipeline
-    if type(pipe.scheduler).__name__ != 'FlowMatchEulerDiscreteScheduler':
-        raise TypeError(f"pipe: its scheduler is {type(pipe.scheduler).__name__}; `shift` belongs to flow models (`load_flow()`)")
-    conf = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith('_') and k != 'shift'}
-    return flow_pipeline(pipe, pipe.unet, flow_scheduler(shift, conf), name=pipe.sd_intro_model)
-
-def even_steps(pipe):
-    "A pipeline sharing `pipe`'s parts whose flow scheduler takes N even steps from t = 1 to 0 (FLUX's schedule: linspace(1, 1/N, N), then 0) instead of diffusers' default linspace(1, 0.001, N), whose last step, from 0.001 to 0, does nothing."
-    import functools
-    p = with_shift(pipe, pipe.scheduler.config.shift)
-    s = p.scheduler
-    orig = s.set_timesteps
-    @functools.wraps(orig)
-    def set_timesteps(num_inference_steps=None, device=None, sigmas=None, *a, **kw):
-        if sigmas is None and kw.get('timesteps') is None and num_inference_steps:
-            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        return orig(num_inference_steps, device, sigmas, *a, **kw)
-    s.set_timesteps = set_timesteps
-    from sd_intro.core import add_extra, Extra
-    return add_extra(p, Extra('Flow schedule', 'even steps'))   # its pictures say so; replay elsewhere warns
-
-def ddim_trailing(pipe):
-    "A pipeline sharing `pipe`'s parts with DDIM on 'trailing' timesteps: lesson 1's best sampler for the DDPM model at few steps."
-    from diffusers import DDIMScheduler
-    p = load_pipeline(pipe)
-    p.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing='trailing')
-    return p
-
-# %% ../nbs/09_flow.ipynb #f42bf624
-def path_point(pipe, strength: float, num_inference_steps: int) -> tuple[int, list[float]]:
-    "Where img2img at `strength` joins the flow scheduler's path: (first step, the sigmas still to walk), as diffusers' img2img counts steps."
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength={strength!r}: use a number above 0 and at most 1 (how far back along the path to start)")
-    s = pipe.scheduler
-    start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-    if start >= num_inference_steps: raise ValueError(
-        f"strength={strength} with num_inference_steps={num_inference_steps} walks no step: raise either")
-    grid = np.linspace(s.sigma_max, s.sigma_min, num_inference_steps)   # what set_timesteps shifts
-    return start, [float(x) for x in grid[start:]]
-
-def flow_img2img(pipe,                        # a flow pipeline (`load_flow`)
-                 image,                       # the starting picture (PIL)
-                 prompt: str | Sequence[str],
-                 strength: float = 0.6,       # where on the path to start: 0 the picture itself, 1 pure noise
-                 seed: int | Sequence[int] = 0,
-                 num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5,
-                 **kwargs                     # passed to `generate` (negative_prompt=, ...)
-                ) -> Generation:
-    "img2img on a flow model: the picture's latents moved to the point `strength` of the straight path, then the usual Euler steps from there."
-    start, sigmas = path_point(pipe, strength, num_inference_steps)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-    x = pipe.image_processor.preprocess(image, height=pipe.unet.config.sample_size * pipe.vae_scale_factor,
-                                        width=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    with torch.no_grad(): x0 = pipe.vae.encode(x.to(pipe.device, pipe.vae.dtype)).latent_dist.mode() * pipe.vae.config.scaling_factor
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators(seeds)]).to(x0.device, x0.dtype)
-    sched = flow_scheduler(pipe.scheduler.config.shift, {k: v for k, v in pipe.scheduler.config.items() if not k.startswith('_') and k != 'shift'})
-    sched.set_timesteps(num_inference_steps); sched.set_begin_index(start)
-    latents = sched.scale_noise(x0.expand_as(noise), sched.timesteps[start:start + 1].repeat(len(noise)), noise)
-    with warnings.catch_warnings():   # the noise is the seeds' own: these settings do make the pictures again
-        warnings.filterwarnings('ignore', message='latents= decides the starting noise')
-        out = generate(pipe, prompts, seed=seeds, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                       latents=latents, sigmas=sigmas, **kwargs)
-    for st in out.settings: st['strength'] = strength
-    return out
-
 # %% ../nbs/09_flow.ipynb #c69365ff
 def decode_pictures(pipe, latents: torch.Tensor) -> list:
     "The pictures `pipe`'s VAE decodes from scaled latents (B x 4 x h x w)."
@@ -238,14 +107,6 @@ def predicted_finals(pipe,                  # a DDPM pipeline (DDIM) or a flow p
     with hooked_step(pipe.scheduler, wrap):
         generate(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     return torch.stack(seen)
-
-# %% ../nbs/09_flow.ipynb #dcefe006
-def flow_info(model: str | os.PathLike | None = None) -> dict:
-    "What a flow model folder records of its training (`flow.json`: settings, losses, validation adherence, time)."
-    f = Path(model if model is not None else FLOW_MODEL).expanduser() / 'flow.json'
-    if not f.is_file(): return {}
-    try: return json.loads(f.read_text())
-    except ValueError as e: raise ValueError(f"{f} is not JSON ({e}): save the model again with `save_flow_model`") from None
 
 # %% ../nbs/09_flow.ipynb #57b47a3d
 STEP_COUNTS = (1, 2, 4, 8, 16, 30)

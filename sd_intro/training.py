@@ -14,10 +14,10 @@ from safetensors.torch import save_file, load_file
 from .core import atomic_dir, atomic_file, resolve_model
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'LOCK_NAME', 'train_loop', 'rgb_image', 'check_imagefolder', 'model_fingerprint', 'checkpoint_dir',
-           'checkpoints', 'latest_checkpoint', 'state_digest', 'save_checkpoint', 'check_state', 'load_checkpoint',
-           'resumable', 'clear_temporaries', 'save_state', 'load_state', 'changed_settings', 'refuse_resume',
-           'run_lock', 'EMA', 'save_lora']
+__all__ = ['IMAGE_EXTENSIONS', 'LOCK_NAME', 'train_loop', 'run_seed', 'rgb_image', 'check_imagefolder', 'model_fingerprint',
+           'checkpoint_dir', 'checkpoints', 'latest_checkpoint', 'state_digest', 'save_checkpoint', 'check_state',
+           'load_checkpoint', 'resumable', 'clear_temporaries', 'save_state', 'load_state', 'changed_settings',
+           'refuse_resume', 'run_lock', 'EMA', 'save_lora']
 
 # %% ../nbs/00f_lib_training.ipynb #4fe62654
 def train_loop(step: Callable[[int], float],  # one optimiser step: gets the step number (from 0), returns its loss
@@ -52,6 +52,11 @@ def train_loop(step: Callable[[int], float],  # one optimiser step: gets the ste
             if after: after(done, value)
     finally: bar.close()
     return losses
+
+# %% ../nbs/00f_lib_training.ipynb #a5e1d0c2
+def run_seed(*parts) -> int:
+    "A 63-bit seed from any parts (the same parts, the same seed, on every machine)."
+    return int.from_bytes(hashlib.sha256(':'.join(map(str, parts)).encode()).digest()[:8], 'little') >> 1
 
 # %% ../nbs/00f_lib_training.ipynb #6e4e019c
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')

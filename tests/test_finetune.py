@@ -321,15 +321,16 @@ def test_write_shapes_folder_is_whole_or_absent(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"new_shape='dragon' is not a shape of this world"):
         ft.write_shapes_folder(tmp_path / 'a', n_new=2, n_old=0, new_shape='dragon')
     assert not (tmp_path / 'a').exists()
-    calls, real = [], ft.render
+    import sd_intro.creatures as creatures   # write_shapes_folder's module (sd_intro.finetune re-exports it)
+    calls, real = [], creatures.render
     def render(scene):   # Ctrl-C at the third picture
         calls.append(scene)
         if len(calls) == 3: raise KeyboardInterrupt
         return real(scene)
-    monkeypatch.setattr(ft, 'render', render)
+    monkeypatch.setattr(creatures, 'render', render)
     with pytest.raises(KeyboardInterrupt): ft.write_shapes_folder(tmp_path / 'b', n_new=4, n_old=0)
     assert list(tmp_path.iterdir()) == []                      # no half-written folder, no temporary one
-    monkeypatch.setattr(ft, 'render', real)
+    monkeypatch.setattr(creatures, 'render', real)
     assert len(ft.load_captioned(ft.write_shapes_folder(tmp_path / 'b', n_new=4, n_old=0))) == 4   # the rerun works
 
 

@@ -24,7 +24,7 @@ def parts(): return load_parts()
 
 @pytest.fixture(scope='module')
 def creatures(tmp_path_factory):
-    from sd_intro.finetune import write_shapes_folder
+    from sd_intro.creatures import write_shapes_folder
     return write_shapes_folder(tmp_path_factory.mktemp('ti') / 'creatures', n_new=8, n_old=2, seed=0)
 
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prompts(n, seed, large):
-    from sd_intro.finetune import creature_prompts
+    from sd_intro.creatures import creature_prompts
     ps = creature_prompts(n, seed=seed)
     return [p.replace('a ', 'a large ', 1).replace('an ', 'a large ', 1) if large and i % 2 else p for i, p in enumerate(ps)]
 

@@ -477,14 +477,14 @@ def cpipe():
 
 def flow():
     if 'flow' not in _cache:
-        from sd_intro.flow import load_flow
+        from sd_intro.flow_models import load_flow
         _cache['flow'] = load_flow()
     return _cache['flow']
 
 
 def star():
     from sd_intro.shapes import Scene
-    from sd_intro.controlnet import silhouette
+    from sd_intro.controls import silhouette
     return silhouette(Scene('star', 'white', 'black', x=0.5, y=0.45, size=0.3))
 
 
@@ -795,7 +795,7 @@ def flow_model_with_a_ddpm_scheduler_is_refused():
 
 @probe('cn/flow: models')
 def flow_pipeline_refuses_a_ddpm_scheduler():
-    from sd_intro.flow import flow_pipeline
+    from sd_intro.flow_models import flow_pipeline
     return refused(lambda: flow_pipeline(base(), flow().unet, base().scheduler), 'FlowMatchEulerDiscreteScheduler', kind=TypeError)
 
 
@@ -816,7 +816,7 @@ def the_lcm_lora_on_the_flow_model_is_refused():
 
 @probe('cn/flow: models')
 def with_shift_on_a_ddpm_pipeline_is_refused():
-    from sd_intro.flow import with_shift
+    from sd_intro.flow_models import with_shift
     return refused(lambda: with_shift(base(), 2.0), 'shift', kind=TypeError)
 
 
@@ -851,7 +851,7 @@ def a_ddpm_record_replayed_on_the_flow_model_is_refused():
 @probe('cn/flow: records')
 def a_shifted_flow_picture_replays_to_itself():
     from sd_intro.core import generate, replay
-    from sd_intro.flow import with_shift
+    from sd_intro.flow_models import with_shift
     r = generate(with_shift(flow(), 3.0), PROMPT, seed=2, num_inference_steps=4)
     out, ws = said(lambda: replay(r.settings[0], flow()))
     if isinstance(out, Exception): return 'shift' in str(out), f"{type(out).__name__}: {str(out)[:160]}"
@@ -862,7 +862,7 @@ def a_shifted_flow_picture_replays_to_itself():
 @probe('cn/flow: records')
 def an_even_steps_flow_picture_replays_to_itself():
     from sd_intro.core import generate, replay
-    from sd_intro.flow import even_steps
+    from sd_intro.flow_models import even_steps
     r = generate(even_steps(flow()), PROMPT, seed=2, num_inference_steps=4)
     out, ws = said(lambda: replay(r.settings[0], flow()))
     if isinstance(out, Exception): return 'even' in str(out) or 'sigmas' in str(out), f"{type(out).__name__}: {str(out)[:160]}"
@@ -873,7 +873,7 @@ def an_even_steps_flow_picture_replays_to_itself():
 @probe('cn/flow: records')
 def a_flow_img2img_record_gets_the_right_advice():
     from sd_intro.core import replay
-    from sd_intro.flow import flow_img2img
+    from sd_intro.flow_models import flow_img2img
     start = Image.new('RGB', (64, 64), (200, 30, 30))
     r = _quiet(lambda: flow_img2img(flow(), start, PROMPT, strength=0.6, num_inference_steps=5))
     out, ws = said(lambda: replay(r.settings[0], flow(), image=start))
@@ -934,14 +934,14 @@ def finetuning_the_flow_model_is_refused():
 @probe('cn/flow: models')
 def distilling_the_flow_model_is_refused():
     from sd_intro.distill import distill
-    from sd_intro.flow import FLOW_MODEL
+    from sd_intro.flow_models import FLOW_MODEL
     return refused(lambda: _quiet(lambda: distill(T / 'd-on-flow', model=FLOW_MODEL, log=None, **dict(TINY, steps=1))), 'load_flow')
 
 
 @probe('cn/flow: load')
 def load_pipeline_on_a_flow_folder_names_load_flow():
     from sd_intro.core import load_pipeline
-    from sd_intro.flow import FLOW_MODEL
+    from sd_intro.flow_models import FLOW_MODEL
     return refused(lambda: load_pipeline(FLOW_MODEL), 'load_flow')
 
 
@@ -997,7 +997,7 @@ def load_controlnet_offline_hub_id():
 
 @probe('cn/flow: load')
 def load_flow_truncated_weights():
-    from sd_intro.flow import load_flow, FLOW_MODEL
+    from sd_intro.flow_models import load_flow, FLOW_MODEL
     d = T / 'fl-trunc-w'; shutil.copytree(FLOW_MODEL, d)
     f = d / 'unet' / 'diffusion_pytorch_model.safetensors'; f.write_bytes(f.read_bytes()[:2000])
     return refused(lambda: load_flow(d), 'diffusion_pytorch_model.safetensors')
@@ -1005,7 +1005,7 @@ def load_flow_truncated_weights():
 
 @probe('cn/flow: load')
 def load_flow_damaged_unet_config():
-    from sd_intro.flow import load_flow, FLOW_MODEL
+    from sd_intro.flow_models import load_flow, FLOW_MODEL
     d = T / 'fl-badconf'; shutil.copytree(FLOW_MODEL, d); (d / 'unet' / 'config.json').write_text('{"_cl')
     return refused(lambda: load_flow(d), 'config.json')
 
@@ -1013,13 +1013,13 @@ def load_flow_damaged_unet_config():
 @probe('cn/flow: load')
 def load_flow_a_ddpm_model_folder():
     from sd_intro.core import EMBEDDED_MODEL
-    from sd_intro.flow import load_flow
+    from sd_intro.flow_models import load_flow
     return refused(lambda: load_flow(EMBEDDED_MODEL), 'not a flow model')
 
 
 @probe('cn/flow: load')
 def load_flow_on_a_missing_gpu_is_clear():
-    from sd_intro.flow import load_flow
+    from sd_intro.flow_models import load_flow
     if torch.cuda.is_available(): return True, 'skipped: a GPU is here'
     return refused(lambda: load_flow(device='cuda'), 'CUDA')
 
@@ -1042,7 +1042,7 @@ def base_and_controlnet_pipelines_in_threads():
 @probe('cn/flow: threads')
 def flow_and_its_shifted_copy_in_threads():
     from sd_intro.core import generate
-    from sd_intro.flow import with_shift, even_steps
+    from sd_intro.flow_models import with_shift, even_steps
     pipes = [flow(), with_shift(flow(), 3.0), even_steps(flow())]
     jobs = [(p, s) for s in range(2) for p in pipes]
     serial = [np.asarray(generate(p, PROMPT, seed=s, num_inference_steps=4)[0]) for p, s in jobs]
@@ -1058,7 +1058,8 @@ def flow_and_its_shifted_copy_in_threads():
 @probe('cn/flow: threads')
 def iou_by_step_while_another_thread_generates():
     from sd_intro.core import generate
-    from sd_intro.controlnet import train_controlnet, iou_by_step, heldout_controls
+    from sd_intro.controlnet import train_controlnet
+    from sd_intro.controls import iou_by_step, heldout_controls
     if not (T / 'cn-whole' / 'controlnet').exists(): _quiet(lambda: train_controlnet(T / 'cn-whole', **CN))
     cp = cpipe()
     serial = [np.asarray(generate_cn(cp, seed=s)[0]) for s in range(6)]
