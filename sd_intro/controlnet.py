@@ -18,7 +18,7 @@ from .core import load_pipeline, generate, image_grid, resolve_model, atomic_dir
 from .shapes import BASE_SHAPES, COLOURS, SIZE, Scene, random_scene, render, caption, to_pil, object_mask, judge
 from .embedded import diffusion_loss
 from .captioned import vae_latents
-from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, clear_temporaries, run_lock, model_fingerprint,
+from .training import (save_checkpoint, load_checkpoint, checkpoints, resumable, clear_temporaries, run_lock, LOCK_NAME, model_fingerprint,
                                changed_settings, refuse_resume, train_loop, run_seed)
 from .controls import (CONTROL_KINDS, silhouette, outline, scribble, control_image, control_mask, from_drawing, edge_map,
                                shape_prompt, heldout_controls, control_iou, ControlScores, control_scores, scale_sweep, conflict,
