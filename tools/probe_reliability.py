@@ -8,7 +8,7 @@ Runs against whichever `sd_intro` is imported (so the same probes measure an old
 the CPU, in a temporary folder; prints one line per probe and the counts per class. Takes a few minutes on 2 cores.
 """
 from __future__ import annotations
-import argparse, json, os, shutil, sys, tempfile, threading, traceback, warnings
+import argparse, functools, json, os, shutil, sys, tempfile, threading, traceback, warnings
 from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('OMP_NUM_THREADS', '1')
@@ -54,18 +54,16 @@ T = Path(tempfile.mkdtemp(prefix='probe31-'))
 _cache = {}
 
 
+@functools.cache
 def data():
-    if 'data' not in _cache:
-        import sd_intro.finetune as ft
-        _cache['data'] = ft.write_shapes_folder(T / 'data', n_new=6, n_old=2, seed=3)
-    return _cache['data']
+    import sd_intro.finetune as ft
+    return ft.write_shapes_folder(T / 'data', n_new=6, n_old=2, seed=3)
 
 
+@functools.cache
 def lcm():
-    if 'lcm' not in _cache:
-        from sd_intro.distill import lcm_pipeline
-        _cache['lcm'] = lcm_pipeline()
-    return _cache['lcm']
+    from sd_intro.distill import lcm_pipeline
+    return lcm_pipeline()
 
 
 def base():
@@ -468,18 +466,16 @@ FLOW = dict(steps=2, batch_size=2, n_images=8, checkpoint_every=1, validation_st
 STAR_PROMPT = 'a red star on a blue background'
 
 
+@functools.cache
 def cpipe():
-    if 'cpipe' not in _cache:
-        from sd_intro.controlnet import controlnet_pipeline
-        _cache['cpipe'] = controlnet_pipeline(base())
-    return _cache['cpipe']
+    from sd_intro.controlnet import controlnet_pipeline
+    return controlnet_pipeline(base())
 
 
+@functools.cache
 def flow():
-    if 'flow' not in _cache:
-        from sd_intro.flow_models import load_flow
-        _cache['flow'] = load_flow()
-    return _cache['flow']
+    from sd_intro.flow_models import load_flow
+    return load_flow()
 
 
 def star():
