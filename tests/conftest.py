@@ -1,4 +1,4 @@
-import os, socket
+import os, signal, socket, sys
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')        # no test may download anything
@@ -45,7 +45,8 @@ def local_checkpoint(tmp_path_factory):
 @pytest.fixture
 def command_line(capsys):
     """The checks of a module's command line, a fastcore `call_parse` function `main`: `.check(main, module, config)` and
-    `.run(main, argv)` (parse `argv` as the command line does, then call it)."""
+    `.run(main, argv)` (parse `argv` as the command line does, then call it); `.start(main, argv, log)` runs it so in a forked
+    process (`.ended(pid)`, `.wait(pid, kill=True)`: a kill -9 mid-run)."""
     import dataclasses, inspect, re, subprocess, sys
     from pathlib import Path
     from types import SimpleNamespace
@@ -90,11 +91,49 @@ def command_line(capsys):
         r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0 and flat(r.stdout) == help, r.stdout[-3000:] + r.stderr[-3000:]
 
-    def run(main, argv):
+    def parsed(main, argv):
         args = vars(anno_parser(main.__wrapped__).parse_args([str(a) for a in argv]))
         args.pop('pdb', None); args.pop('xtra', None)
-        return main(**args)
-    return SimpleNamespace(check=check, run=run)
+        return args
+
+    def run(main, argv):
+        "Run the command line in this process (its `--threads` does not outlast it)."
+        import torch
+        n = torch.get_num_threads()
+        try: return main(**parsed(main, argv))
+        finally: torch.set_num_threads(n)
+
+    def start(main, argv, log):
+        """Start the command line in a fork of this process, its output going to the file `log`: a process of its own
+        (its own locks; a SIGKILL ends it with no clean-up), without a new interpreter loading the libraries again.
+        Returns its process id; `ended(pid)` says whether it has ended, `wait(pid)` its exit status."""
+        args = parsed(main, argv)
+        pid = os.fork()
+        if pid: return pid
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1); os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, 'w', buffering=1, closefd=False)
+            main(**args); code = 0
+        except SystemExit as e: code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback; traceback.print_exc()
+        finally: os._exit(code)   # never back into pytest
+
+    exits = {}
+    def ended(pid) -> bool:
+        if pid in exits: return True
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done: exits[pid] = status
+        return bool(done)
+
+    def wait(pid, kill=False) -> int:
+        "The exit status of the process `pid` (negative: ended by that signal), after a SIGKILL with `kill`."
+        if kill and not ended(pid): os.kill(pid, signal.SIGKILL)
+        if pid not in exits: exits[pid] = os.waitpid(pid, 0)[1]
+        return os.waitstatus_to_exitcode(exits[pid])
+    return SimpleNamespace(check=check, run=run, start=start, ended=ended, wait=wait)
 
 
 def pytest_configure(config):
