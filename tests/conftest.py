@@ -141,3 +141,39 @@ def pytest_configure(config):
     config.addinivalue_line('filterwarnings',
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
     config.addinivalue_line('filterwarnings', "ignore:__array_wrap__ must accept context:DeprecationWarning")
+
+
+# ---- the order `make test` runs the tests in -------------------------------------------------------------------------
+# About how many seconds of one core each slow test file takes (`pytest --durations=0 -n 2`, 2-core machine), and for the
+# files whose tests share nothing (each lesson, each notebook), each of its tests. Under pytest-xdist, workers take
+# contiguous runs of the collected tests, so these are dealt out to the workers, longest first, each worker's share
+# ending with the short tests (in file order, so that module fixtures stay shared): no long test is left running
+# alone at the end. A file not listed counts as short; a wrong figure only changes the order, never what runs.
+FILE_SECONDS = {'test_docs_build.py': 60, 'test_trainers_resume.py': 45, 'test_wheel.py': 20, 'test_controlnet.py': 25,
+                'test_flow.py': 25, 'test_finetune.py': 25, 'test_speed.py': 20, 'test_distill.py': 20, 'test_shapes.py': 15,
+                'test_docs_html.py': 25, 'test_playground_e2e.py': 25, 'test_core.py': 15, 'test_course_command.py': 20}
+EACH_TEST_SECONDS = {'test_run_all.py': 35, 'test_notebooks.py': 8}
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = getattr(config, 'workerinput', {}).get('workercount', 1)
+    if workers < 2 or len(items) < 2 * workers: return
+    units = {}   # (file, test or None): its tests, in collection order
+    for it in items:
+        name = it.path.name
+        units.setdefault((name, it.nodeid if name in EACH_TEST_SECONDS else None), []).append(it)
+    secs = lambda key: EACH_TEST_SECONDS[key[0]] if key[1] else FILE_SECONDS.get(key[0], 0)
+    longest = sorted((k for k in units if secs(k)), key=secs, reverse=True)
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    for k in longest:   # each to the worker with the least so far
+        w = min(range(workers), key=lambda w: (load[w], w))
+        shares[w] += units[k]; load[w] += secs(k)
+    # xdist hands worker w the w-th contiguous run of len(items) // workers tests (the last one the rest): a share is
+    # its long tests, then short files up to exactly that length (one file may be cut between two shares)
+    short = [it for k in units if not secs(k) for it in units[k]]
+    size = len(items) // workers
+    for w in range(workers - 1):
+        n = max(0, size - len(shares[w]))
+        shares[w] += short[:n]; del short[:n]
+    shares[-1] += short
+    items[:] = [it for share in shares for it in share]
