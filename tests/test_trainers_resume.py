@@ -244,12 +244,20 @@ def _weights(folder):
     return {f"{p.parent.name}/{k}": v for p in sorted(Path(folder).glob('*/*.safetensors')) for k, v in load_file(p).items()}
 
 
-def test_make_embedded_killed_in_two_stages_resumes_bit_identically(tmp_path):
-    make_embedded(tmp_path / 'whole', tmp_path / 'whole-work', log=None, **EMB)
+@pytest.fixture(scope='module')
+def embedded_whole(tmp_path_factory):
+    "An uninterrupted run of make_embedded: its model folder and its work folder (stages, UNet checkpoint)."
+    d = tmp_path_factory.mktemp('embedded')
+    make_embedded(d / 'whole', d / 'whole-work', log=None, **EMB)
+    return d / 'whole', d / 'whole-work'
+
+
+def test_make_embedded_killed_in_two_stages_resumes_bit_identically(embedded_whole, tmp_path):
+    whole, whole_work = embedded_whole
     out, work = tmp_path / 'run', tmp_path / 'run-work'
     # the tokenizer stage is kept with a run because `tokenizers` breaks BPE ties differently in each process; this run
     # was killed after it (a kill inside it leaves no tokenizer/, and the rebuilt one may number pieces otherwise)
-    shutil.copytree(tmp_path / 'whole-work' / 'tokenizer', work / 'tokenizer')
+    shutil.copytree(whole_work / 'tokenizer', work / 'tokenizer')
     call = f"make_embedded({str(out)!r}, {str(work)!r}, log=log, **{EMB!r})\n"
     killed(tmp_path, "from sd_intro.embedded import make_embedded\n"
                      "log = lambda m: kill() if m.startswith('vae step 0') else None\n" + call)
@@ -259,26 +267,27 @@ def test_make_embedded_killed_in_two_stages_resumes_bit_identically(tmp_path):
     said = []
     make_embedded(out, work, log=said.append, **EMB)
     assert 'resumed at step 2' in said
-    a, b = _weights(tmp_path / 'whole'), _weights(out)
+    a, b = _weights(whole), _weights(out)
     assert len(a) > 100 and a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def test_the_unet_stage_loads_no_pickled_code_and_names_a_damaged_checkpoint(tmp_path):
-    make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **dict(EMB, unet_steps=1))
+def test_the_unet_stage_loads_no_pickled_code_and_names_a_damaged_checkpoint(embedded_whole, tmp_path):
+    for a, b in zip(embedded_whole, ('m', 'w')): shutil.copytree(a, tmp_path / b)   # a finished run of EMB's 4 UNet steps,
+    more = dict(EMB, unet_steps=5)                                                   # to be continued from its checkpoint
     ck, marker = tmp_path / 'w' / 'unet_ckpt.pt', tmp_path / 'ran'
     good = ck.read_bytes()
     torch.save({'unet': Evil(marker)}, ck)
     with pytest.raises(ValueError, match=r'unet_ckpt.pt holds pickled objects.*delete it'):
-        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **EMB)
+        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
     assert not marker.exists()
     ck.write_bytes(good[:2000])
     with pytest.raises(ValueError, match=r'unet_ckpt.pt is damaged or cut short.*delete it to train the UNet stage'):
-        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **EMB)
+        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
     (tmp_path / 'w' / 'vae' / 'config.json').write_text('{')   # a stage folder changed by hand
     ck.write_bytes(good)
     with pytest.raises(ValueError, match=r'the saved vae stage, cannot be loaded.*Delete the folder'):
-        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **EMB)
+        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
 
 
 def test_saving_a_pipeline_keeps_its_model_card(tmp_path):
