@@ -2,9 +2,9 @@
 
 Builds the wheel from a copy of the release files (setup.py, settings.ini, MANIFEST.in, README.md, LICENSE, sd_intro/),
 checks that the build gives no setuptools warning about ignored packages and that LICENSE is in the wheel, installs it
-with `pip install --no-deps` into a fresh venv (its dependencies come from the venv running the tests, through a .pth
-line, so nothing is downloaded; the checkout is not on the path), and from another folder loads the embedded model,
-generates one picture and judges it.
+with `pip --python VENV install --no-deps` into a fresh venv made without a pip of its own (its dependencies come from
+the venv running the tests, through a .pth line, so nothing is downloaded; the checkout is not on the path), and from
+another folder loads the embedded model, generates one picture and judges it, then answers each console script's --help.
 """
 import json, os, shutil, subprocess, sys, sysconfig, zipfile
 from pathlib import Path
@@ -57,14 +57,14 @@ def test_wheel_installs_and_generates(tmp_path):
     assert any(n.startswith('sd_intro/models/') for n in names) and any(n.startswith('sd_intro/assets/') for n in names)
 
     venv = tmp_path / 'venv'
-    _run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)])
+    _run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', str(venv)])   # (pip comes from here:)
     py = venv / 'bin' / 'python'
     site = Path(_run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])']).strip().splitlines()[-1])
     # the test venv's dependencies (torch, diffusers, ...), after the new venv's own site-packages; its .pth files,
     # such as an editable install of the checkout, are not read from there
     deps = {sysconfig.get_paths()[k] for k in ('purelib', 'platlib')}
     (site / '_sd_intro_test_deps.pth').write_text(''.join(f'{d}\n' for d in sorted(deps)))
-    _run([str(py), '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', str(wheel)])
+    _run([sys.executable, '-m', 'pip', '--python', str(py), 'install', '--no-deps', '--no-index', '-q', str(wheel)])
 
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
