@@ -144,15 +144,27 @@ def pytest_configure(config):
 
 
 # ---- the order `make test` runs the tests in -------------------------------------------------------------------------
-# About how many seconds of one core each slow test file takes (`pytest --durations=0 -n 2`, 2-core machine), and for the
-# files whose tests share nothing (each lesson, each notebook), each of its tests. Under pytest-xdist, workers take
-# contiguous runs of the collected tests, so these are dealt out to the workers, longest first, each worker's share
-# ending with the short tests (in file order, so that module fixtures stay shared): no long test is left running
-# alone at the end. A file not listed counts as short; a wrong figure only changes the order, never what runs.
-FILE_SECONDS = {'test_docs_build.py': 60, 'test_trainers_resume.py': 45, 'test_wheel.py': 20, 'test_controlnet.py': 25,
-                'test_flow.py': 25, 'test_finetune.py': 25, 'test_speed.py': 20, 'test_distill.py': 20, 'test_shapes.py': 15,
-                'test_docs_html.py': 25, 'test_playground_e2e.py': 25, 'test_core.py': 15, 'test_course_command.py': 20}
-EACH_TEST_SECONDS = {'test_run_all.py': 35, 'test_notebooks.py': 8}
+# About how many seconds of one core each slow test file takes (`pytest tests -n 2 --durations=0` on a 2-core machine),
+# and for the files whose tests share nothing (each lesson, each notebook) each of its tests, by its parameter (None: any
+# other). Under pytest-xdist a worker takes a contiguous run of the collected tests, so these are dealt out to the
+# workers, longest first, each worker's run ending with the short tests (in file order, so that module fixtures stay
+# shared): no long test is left running alone at the end. A file not listed counts as short; a wrong figure only
+# changes the order, never what runs.
+FILE_SECONDS = {'test_trainers_resume.py': 40, 'test_docs_build.py': 25, 'test_docs_html.py': 22, 'test_playground_e2e.py': 21,
+                'test_course_command.py': 20, 'test_flow.py': 18, 'test_finetune.py': 18, 'test_wheel.py': 16,
+                'test_shapes.py': 16, 'test_controlnet.py': 16, 'test_distill.py': 10, 'test_speed.py': 9, 'test_core.py': 7,
+                'test_img2img.py': 5}
+EACH_TEST_SECONDS = {
+    'test_run_all.py': {'05_finetuning': 80, '06_inside': 60, '07_few_steps': 55, '01_pipelines': 45, '09_flow': 39,
+                        '02_guidance': 37, '08_controlnet': 26, '04_inpainting': 21, '03_img2img': 19, None: 30},
+    'test_notebooks.py': {'00a_lib_shapes': 11, '11_tool_speed': 7, '00g_lib_embedded': 5, '00f_lib_training': 4,
+                          '00e_lib_core': 3, None: 1}}
+
+
+def _seconds(file, test=None) -> float:
+    if test is None: return FILE_SECONDS.get(file, 0)
+    each, param = EACH_TEST_SECONDS[file], getattr(getattr(test, 'callspec', None), 'id', None)
+    return 0 if param is None else each.get(param, each[None])   # (a test without parameters there: a check of the list)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -161,16 +173,15 @@ def pytest_collection_modifyitems(config, items):
     units = {}   # (file, test or None): its tests, in collection order
     for it in items:
         name = it.path.name
-        units.setdefault((name, it.nodeid if name in EACH_TEST_SECONDS else None), []).append(it)
-    secs = lambda key: EACH_TEST_SECONDS[key[0]] if key[1] else FILE_SECONDS.get(key[0], 0)
-    longest = sorted((k for k in units if secs(k)), key=secs, reverse=True)
+        units.setdefault((name, it if name in EACH_TEST_SECONDS else None), []).append(it)
+    longest = sorted((k for k in units if _seconds(*k)), key=lambda k: _seconds(*k), reverse=True)
     shares, load = [[] for _ in range(workers)], [0] * workers
     for k in longest:   # each to the worker with the least so far
         w = min(range(workers), key=lambda w: (load[w], w))
-        shares[w] += units[k]; load[w] += secs(k)
+        shares[w] += units[k]; load[w] += _seconds(*k)
     # xdist hands worker w the w-th contiguous run of len(items) // workers tests (the last one the rest): a share is
     # its long tests, then short files up to exactly that length (one file may be cut between two shares)
-    short = [it for k in units if not secs(k) for it in units[k]]
+    short = [it for k in units if not _seconds(*k) for it in units[k]]
     size = len(items) // workers
     for w in range(workers - 1):
         n = max(0, size - len(shares[w]))
