@@ -188,3 +188,32 @@ def pytest_collection_modifyitems(config, items):
         shares[w] += short[:n]; del short[:n]
     shares[-1] += short
     items[:] = [it for share in shares for it in share]
+
+
+@pytest.fixture
+def lock_holder():
+    """`.hold(folder)`: another process (a fork of this one, at once) takes the training run lock of `folder` and keeps
+    it; returns its process id. `.kill(pid)` ends it with SIGKILL, so its lock ends only as the operating system's does
+    (every holder left is killed after the test)."""
+    from types import SimpleNamespace
+    pids = []
+    def hold(folder):
+        from sd_intro.training import run_lock
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                with run_lock(folder):
+                    os.write(w, b'held'); os.close(w)
+                    signal.pause()
+            finally: os._exit(1)
+        os.close(w)
+        with os.fdopen(r, 'rb') as f: said = f.read(4)
+        pids.append(pid)
+        assert said == b'held', f"the holder did not take the lock of {folder}"
+        return pid
+    def kill(pid):
+        os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); pids.remove(pid)
+    yield SimpleNamespace(hold=hold, kill=kill)
+    for pid in list(pids): kill(pid)
