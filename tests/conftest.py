@@ -1,4 +1,4 @@
-import os, socket
+import os, signal, socket, sys
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')        # no test may download anything
@@ -45,7 +45,8 @@ def local_checkpoint(tmp_path_factory):
 @pytest.fixture
 def command_line(capsys):
     """The checks of a module's command line, a fastcore `call_parse` function `main`: `.check(main, module, config)` and
-    `.run(main, argv)` (parse `argv` as the command line does, then call it)."""
+    `.run(main, argv)` (parse `argv` as the command line does, then call it); `.start(main, argv, log)` runs it so in a forked
+    process (`.ended(pid)`, `.wait(pid, kill=True)`: a kill -9 mid-run)."""
     import dataclasses, inspect, re, subprocess, sys
     from pathlib import Path
     from types import SimpleNamespace
@@ -90,11 +91,49 @@ def command_line(capsys):
         r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0 and flat(r.stdout) == help, r.stdout[-3000:] + r.stderr[-3000:]
 
-    def run(main, argv):
+    def parsed(main, argv):
         args = vars(anno_parser(main.__wrapped__).parse_args([str(a) for a in argv]))
         args.pop('pdb', None); args.pop('xtra', None)
-        return main(**args)
-    return SimpleNamespace(check=check, run=run)
+        return args
+
+    def run(main, argv):
+        "Run the command line in this process (its `--threads` does not outlast it)."
+        import torch
+        n = torch.get_num_threads()
+        try: return main(**parsed(main, argv))
+        finally: torch.set_num_threads(n)
+
+    def start(main, argv, log):
+        """Start the command line in a fork of this process, its output going to the file `log`: a process of its own
+        (its own locks; a SIGKILL ends it with no clean-up), without a new interpreter loading the libraries again.
+        Returns its process id; `ended(pid)` says whether it has ended, `wait(pid)` its exit status."""
+        args = parsed(main, argv)
+        pid = os.fork()
+        if pid: return pid
+        code = 1
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1); os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, 'w', buffering=1, closefd=False)
+            main(**args); code = 0
+        except SystemExit as e: code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback; traceback.print_exc()
+        finally: os._exit(code)   # never back into pytest
+
+    exits = {}
+    def ended(pid) -> bool:
+        if pid in exits: return True
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done: exits[pid] = status
+        return bool(done)
+
+    def wait(pid, kill=False) -> int:
+        "The exit status of the process `pid` (negative: ended by that signal), after a SIGKILL with `kill`."
+        if kill and not ended(pid): os.kill(pid, signal.SIGKILL)
+        if pid not in exits: exits[pid] = os.waitpid(pid, 0)[1]
+        return os.waitstatus_to_exitcode(exits[pid])
+    return SimpleNamespace(check=check, run=run, start=start, ended=ended, wait=wait)
 
 
 def pytest_configure(config):
@@ -102,3 +141,79 @@ def pytest_configure(config):
     config.addinivalue_line('filterwarnings',
                             "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
     config.addinivalue_line('filterwarnings', "ignore:__array_wrap__ must accept context:DeprecationWarning")
+
+
+# ---- the order `make test` runs the tests in -------------------------------------------------------------------------
+# About how many seconds of one core each slow test file takes (`pytest tests -n 2 --durations=0` on a 2-core machine),
+# and for the files whose tests share nothing (each lesson, each notebook) each of its tests, by its parameter (None: any
+# other). Under pytest-xdist a worker takes a contiguous run of the collected tests, so these are dealt out to the
+# workers, longest first, each worker's run ending with the short tests (in file order, so that module fixtures stay
+# shared): no long test is left running alone at the end. A file not listed counts as short; a wrong figure only
+# changes the order, never what runs.
+FILE_SECONDS = {'test_trainers_resume.py': 40, 'test_docs_build.py': 25, 'test_docs_html.py': 22, 'test_playground_e2e.py': 21,
+                'test_course_command.py': 20, 'test_flow.py': 18, 'test_finetune.py': 18, 'test_wheel.py': 16,
+                'test_shapes.py': 16, 'test_controlnet.py': 16, 'test_distill.py': 10, 'test_speed.py': 9, 'test_core.py': 7,
+                'test_img2img.py': 5}
+EACH_TEST_SECONDS = {
+    'test_run_all.py': {'05_finetuning': 80, '06_inside': 60, '07_few_steps': 55, '01_pipelines': 45, '09_flow': 39,
+                        '02_guidance': 37, '08_controlnet': 26, '04_inpainting': 21, '03_img2img': 19, None: 30},
+    'test_notebooks.py': {'00a_lib_shapes': 11, '11_tool_speed': 7, '00g_lib_embedded': 5, '00f_lib_training': 4,
+                          '00e_lib_core': 3, None: 1}}
+
+
+def _seconds(file, test=None) -> float:
+    if test is None: return FILE_SECONDS.get(file, 0)
+    each, param = EACH_TEST_SECONDS[file], getattr(getattr(test, 'callspec', None), 'id', None)
+    return 0 if param is None else each.get(param, each[None])   # (a test without parameters there: a check of the list)
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = getattr(config, 'workerinput', {}).get('workercount', 1)
+    if workers < 2 or len(items) < 2 * workers: return
+    units = {}   # (file, test or None): its tests, in collection order
+    for it in items:
+        name = it.path.name
+        units.setdefault((name, it if name in EACH_TEST_SECONDS else None), []).append(it)
+    longest = sorted((k for k in units if _seconds(*k)), key=lambda k: _seconds(*k), reverse=True)
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    for k in longest:   # each to the worker with the least so far
+        w = min(range(workers), key=lambda w: (load[w], w))
+        shares[w] += units[k]; load[w] += _seconds(*k)
+    # xdist hands worker w the w-th contiguous run of len(items) // workers tests (the last one the rest): a share is
+    # its long tests, then short files up to exactly that length (one file may be cut between two shares)
+    short = [it for k in units if not _seconds(*k) for it in units[k]]
+    size = len(items) // workers
+    for w in range(workers - 1):
+        n = max(0, size - len(shares[w]))
+        shares[w] += short[:n]; del short[:n]
+    shares[-1] += short
+    items[:] = [it for share in shares for it in share]
+
+
+@pytest.fixture
+def lock_holder():
+    """`.hold(folder)`: another process (a fork of this one, at once) takes the training run lock of `folder` and keeps
+    it; returns its process id. `.kill(pid)` ends it with SIGKILL, so its lock ends only as the operating system's does
+    (every holder left is killed after the test)."""
+    from types import SimpleNamespace
+    pids = []
+    def hold(folder):
+        from sd_intro.training import run_lock
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                with run_lock(folder):
+                    os.write(w, b'held'); os.close(w)
+                    signal.pause()
+            finally: os._exit(1)
+        os.close(w)
+        with os.fdopen(r, 'rb') as f: said = f.read(4)
+        pids.append(pid)
+        assert said == b'held', f"the holder did not take the lock of {folder}"
+        return pid
+    def kill(pid):
+        os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); pids.remove(pid)
+    yield SimpleNamespace(hold=hold, kill=kill)
+    for pid in list(pids): kill(pid)

@@ -97,9 +97,10 @@ def test_command_line_help_and_bad_options(tmp_path, command_line):
     assert not (tmp_path / 'run').exists()
 
 
-def _train_cmd(out, *extra):
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
-    return [sys.executable, '-m', 'sd_intro.controlnet', '--out', str(out), *TINY, *extra], env
+def _train(command_line, out, *extra):
+    "The command line (parsed as `python -m sd_intro.controlnet` parses it), run in this process."
+    from sd_intro.controlnet import main
+    command_line.run(main, ['--out', out, *TINY, *extra])
 
 
 def _result(out):
@@ -108,24 +109,23 @@ def _result(out):
     return load_file(str(out / 'controlnet' / 'diffusion_pytorch_model.safetensors')), hist, strips
 
 
-def test_kill_9_and_resume_is_bit_identical(tmp_path):
-    cmd, env = _train_cmd(tmp_path / 'straight')
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+def test_kill_9_and_resume_is_bit_identical(tmp_path, command_line):
+    from sd_intro.controlnet import main
+    _train(command_line, tmp_path / 'straight')
     w0, h0, v0 = _result(tmp_path / 'straight')
     out = tmp_path / 'killed'
-    cmd, env = _train_cmd(out)
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = command_line.start(main, ['--out', out, *TINY], tmp_path / 'killed.log')   # a process of its own, killed -9 below
     deadline = time.time() + 900
     while not (out / 'checkpoints' / 'step-000002' / 'state.json').exists():
-        assert p.poll() is None and time.time() < deadline, 'the run ended before its second checkpoint'
+        assert not command_line.ended(p) and time.time() < deadline, 'the run ended before its second checkpoint'
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL); p.wait()
+    assert command_line.wait(p, kill=True) == -signal.SIGKILL
     assert not (out / 'controlnet').exists() and (out / '.sd_intro.lock').exists()    # killed: its lock is left behind
     # a kill while a checkpoint was being written leaves a temporary folder: it is not resumed from, and is cleared
     (out / 'checkpoints' / '.tmp-step-000003-99999').mkdir()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        subprocess.run(cmd + ['--resume'], env=env, check=True, capture_output=True, timeout=900)
+        _train(command_line, out, '--resume')
     w1, h1, v1 = _result(out)
     assert sorted(w0) == sorted(w1) and all(torch.equal(w0[k], w1[k]) for k in w0)
     drop = lambda h: {k: v for k, v in h.items() if k != 'seconds'}   # (the time taken differs, nothing else may)
@@ -133,10 +133,9 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
     assert not (out / 'checkpoints' / '.tmp-step-000003-99999').exists()
 
 
-def test_damaged_edited_and_crafted_checkpoints(tmp_path):
+def test_damaged_edited_and_crafted_checkpoints(tmp_path, command_line):
     out = tmp_path / 'run'
-    cmd, env = _train_cmd(out, '--stop_at', '3')
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
+    _train(command_line, out, '--stop_at', '3')
     new, old = checkpoints(out)[:2]
     # an edited state.json is named, and the run falls back to the checkpoint before it
     st = json.loads((new / 'state.json').read_text()); st['step'] = 2; st['losses'][-1] = 0.001
@@ -202,21 +201,20 @@ def test_a_folder_of_the_users_files_is_not_written_over(tmp_path):
     assert all((out / f).read_text() == 'mine' for f in mine)
 
 
-def test_a_folder_in_use_names_the_controlnet_run(tmp_path):
+def test_a_folder_in_use_names_the_controlnet_run(tmp_path, command_line):
+    from sd_intro.controlnet import main
     out = tmp_path / 'busy'
-    code = ("import torch; torch.set_num_threads(1); from sd_intro.controlnet import train_controlnet; "
-            f"train_controlnet({str(out)!r}, steps=100000, batch_size=1, checkpoint_every=None, validation_images=0, progress=False)")
-    p = subprocess.Popen([sys.executable, '-c', code], env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = command_line.start(main, ['--out', out, '--threads', '1', '--steps', '100000', '--batch_size', '1', '--checkpoint_every', '100000',
+                                  '--validation_images', '0', '--no-progress'], tmp_path / 'busy.log')   # another process
     try:
         deadline = time.time() + 300
         while not (out / 'run.json').exists():
-            assert p.poll() is None and time.time() < deadline, 'the holding run ended early'
+            assert not command_line.ended(p) and time.time() < deadline, 'the holding run ended early'
             time.sleep(0.1)
         with pytest.raises(RuntimeError, match='in use by another ControlNet training run') as e:
             train_controlnet(out, steps=1, progress=False)
         assert 'fine-tuning' not in str(e.value)
-    finally: p.kill(); p.wait()
+    finally: command_line.wait(p, kill=True)
 
 
 def test_a_controlnet_refuses_the_flow_model():

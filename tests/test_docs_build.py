@@ -45,7 +45,9 @@ def test_no_cell_mixes_imports_and_code():
 PROC = """
 import nbdev.quarto as q
 q._ensure_quarto = lambda: None   # no Quarto needed to process notebooks, and no `sudo`/`pip install` attempt
-q.nbdev_proc_nbs.__wrapped__(force=True)
+# n_workers=0: every notebook in this one process (a pool of spawned workers loads the libraries again in each: twice
+# the CPU, while the other tests run side by side); an error in any notebook still fails the build
+q.nbdev_proc_nbs.__wrapped__(force=True, n_workers=0)
 """
 
 

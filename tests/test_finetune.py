@@ -384,19 +384,13 @@ def small_folder(tmp_path_factory):
     return ft.write_shapes_folder(tmp_path_factory.mktemp('data') / 'creatures', n_new=6, n_old=2, seed=3)
 
 
-def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_runs_lock_ends_with_it(small_folder, tmp_path):
-    import os
+def test_a_second_run_into_a_held_folder_is_refused_and_a_killed_runs_lock_ends_with_it(small_folder, tmp_path, lock_holder):
     out = tmp_path / 'run'; out.mkdir()
-    code = f"from sd_intro.training import run_lock\nimport time\nwith run_lock({str(out)!r}): print('held', flush=True); time.sleep(120)"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    other = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS='1'))
-    try:
-        assert other.stdout.readline() == 'held\n'
-        with pytest.raises(RuntimeError, match=rf'in use by another training run \(process {other.pid} on '):
-            ft.finetune(small_folder, out, method='lora', steps=1, **FAST)
-        assert not (out / 'lora').exists()
-    finally: other.kill(); other.wait()   # killed with SIGKILL: its operating-system lock ends with it
+    other = lock_holder.hold(out)   # another process
+    with pytest.raises(RuntimeError, match=rf'in use by another training run \(process {other} on '):
+        ft.finetune(small_folder, out, method='lora', steps=1, **FAST)
+    assert not (out / 'lora').exists()
+    lock_holder.kill(other)   # killed with SIGKILL: its operating-system lock ends with it
     res = ft.finetune(small_folder, out, method='lora', steps=1, **FAST)   # nothing to take over, nothing to clean
     assert res.saved is not None and not (out / '.sd_intro.lock.json').exists()   # released when done
 

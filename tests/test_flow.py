@@ -220,20 +220,21 @@ def test_command_line_help_and_bad_options(tmp_path, command_line):
     assert not (tmp_path / 'run').exists()
 
 
-def run_cli(out, *extra, kill_at=None):
-    "Run the command line in a fresh process; with `kill_at`, kill -9 it once that checkpoint is complete."
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    args = [sys.executable, '-m', 'sd_intro.flow', '--out', str(out), '--threads', '1', '--steps', '4', '--batch_size', '2',
-            '--n_images', '8', '--checkpoint_every', '2', '--validation_steps', '1', '--warmup_steps', '2', *extra]
-    p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_cli(command_line, out, *extra, kill_at=None):
+    """Run the command line (parsed as `python -m sd_intro.flow` parses it) in this process and return what it printed;
+    with `kill_at`, in a fork of this process, killed with SIGKILL once that checkpoint is complete."""
+    import contextlib, io
+    from sd_intro.flow import main
+    argv = ['--out', out, '--threads', '1', '--steps', '4', '--batch_size', '2', '--n_images', '8', '--checkpoint_every', '2',
+            '--validation_steps', '1', '--warmup_steps', '2', *extra]
     if kill_at is None:
-        out_text = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out_text
-        return out_text
+        with contextlib.redirect_stdout(io.StringIO()) as printed: command_line.run(main, argv)
+        return printed.getvalue()
+    pid = command_line.start(main, argv, Path(out).with_suffix('.log'))
     mark = Path(out) / 'checkpoints' / f"step-{kill_at:06d}" / 'state.json'
     t0 = time.time()
-    while not mark.exists() and p.poll() is None and time.time() - t0 < 600: time.sleep(0.05)
-    p.send_signal(signal.SIGKILL); p.wait()
+    while not mark.exists() and not command_line.ended(pid) and time.time() - t0 < 600: time.sleep(0.05)
+    assert command_line.wait(pid, kill=True) == -signal.SIGKILL, f"the run ended before step {kill_at}:\n{Path(out).with_suffix('.log').read_text()[-3000:]}"
     return None
 
 
@@ -245,12 +246,12 @@ def fingerprint_run(out):
     return weights, pngs, state['losses'], state['evals'], state['digest']
 
 
-def test_kill_9_and_resume_is_bit_identical(tmp_path):
+def test_kill_9_and_resume_is_bit_identical(tmp_path, command_line):
     whole, broken = tmp_path / 'whole', tmp_path / 'broken'
-    run_cli(whole)
-    run_cli(broken, kill_at=2)
+    run_cli(command_line, whole)
+    run_cli(command_line, broken, kill_at=2)
     assert not (broken / 'model').exists()
-    log = run_cli(broken)
+    log = run_cli(command_line, broken)
     assert 'resumed from' in log
     a, b = fingerprint_run(whole), fingerprint_run(broken)
     assert a[0] == b[0], "the resumed run's weights differ"

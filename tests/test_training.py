@@ -147,21 +147,12 @@ def test_a_resume_with_changed_settings_names_each_change_and_the_fix():
 
 # ---- the run lock ----------------------------------------------------------------------------------------------
 
-def _holder(out):
-    code = f"from sd_intro.training import run_lock\nimport time\nwith run_lock({str(out)!r}): print('held', flush=True); time.sleep(120)"
-    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1'))
-    assert p.stdout.readline() == 'held\n'
-    return p
-
-
-def test_a_held_folder_is_refused_naming_the_holder_and_a_killed_holders_lock_ends_with_it(tmp_path):
+def test_a_held_folder_is_refused_naming_the_holder_and_a_killed_holders_lock_ends_with_it(tmp_path, lock_holder):
     out = tmp_path / 'run'
-    p = _holder(out)
-    try:
-        with pytest.raises(RuntimeError, match=rf'{out} is in use by another training run \(process {p.pid} on .*choose another out folder'):
-            with run_lock(out): pass
-    finally: p.kill(); p.wait()
+    pid = lock_holder.hold(out)
+    with pytest.raises(RuntimeError, match=rf'{out} is in use by another training run \(process {pid} on .*choose another out folder'):
+        with run_lock(out): pass
+    lock_holder.kill(pid)
     with run_lock(out): (out / 'result.txt').write_text('mine')   # the OS released the killed run's lock
     assert (out / LOCK_NAME).exists() and not (out / (LOCK_NAME + '.json')).exists()
     with run_lock(out, hold=False): pass
