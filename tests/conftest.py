@@ -42,6 +42,15 @@ def local_checkpoint(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "Torch on one thread for a module whose results are compared bit for bit with runs made on one thread."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def command_line(capsys):
     """The checks of a module's command line, a fastcore `call_parse` function `main`: `.check(main, module, config)` and

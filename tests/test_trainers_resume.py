@@ -11,12 +11,7 @@ import sd_intro.finetune as ft
 from sd_intro.distill import LCM_WEIGHTS, LCM_INFO, distill
 from sd_intro.embedded import make_embedded
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The killed runs train in a fork on one thread; the runs they are compared with must too (float sums depend on it)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # the killed runs train in a fork on one thread; the runs they are compared with must too (float sums depend on it)
 
 
 FT = dict(method='lora', steps=3, checkpoint_every=1, batch_size=2, lr=1e-3, progress=False,

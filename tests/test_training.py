@@ -12,12 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / 'fixtures' / 'training'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "The stored results were made on one thread (float sums depend on it)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # the stored results were made on one thread (float sums depend on it)
 
 
 def same_tensors(a: dict, b: dict) -> bool: return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
