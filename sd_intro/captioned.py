@@ -46,7 +46,11 @@ class CaptionedImages:
         "What a run trained on, as its checkpoints record it: where from, how many pictures, and a hash of their captions."
         return dict(source=str(self.name), pictures=len(self),
                     captions=hashlib.sha256('\n'.join(map(str, self.captions)).encode()).hexdigest()[:16])
-    def __repr__(self): return f"CaptionedImages({len(self)} pictures of {self.name}, columns {self.image_column!r}/{self.caption_column!r})"
+    @property
+    def shown_name(self) -> str:
+        "A local folder by its own name (no machine paths in printouts), a Hub id or description as it is."
+        return f"folder {Path(self.name).name!r}" if Path(str(self.name)).is_dir() else str(self.name)
+    def __repr__(self): return f"CaptionedImages({len(self)} pictures of {self.shown_name}, columns {self.image_column!r}/{self.caption_column!r})"
 
 # %% ../nbs/00i_lib_captioned.ipynb #7dfefee4
 DATASETS = {
