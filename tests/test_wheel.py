@@ -55,6 +55,8 @@ def test_wheel_installs_and_generates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith('licenses/LICENSE') for n in names), f"no LICENSE in {wheel.name}"
     assert any(n.startswith('sd_intro/models/') for n in names) and any(n.startswith('sd_intro/assets/') for n in names)
+    # the package carries its models (base, LoRAs, ControlNet, flow model): at most 40 MB as a wheel, a quick pip install
+    assert wheel.stat().st_size <= 40e6, f"{wheel.name} is {wheel.stat().st_size / 1e6:.1f} MB: over the 40 MB budget"
 
     venv = tmp_path / 'venv'
     _run([sys.executable, '-m', 'venv', '--system-site-packages', '--without-pip', str(venv)])   # (pip comes from here:)
