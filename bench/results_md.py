@@ -64,13 +64,17 @@ def guidance(r):
 
 
 def course(r):
-    rows = [[x['notebook'], 'yes' if x['ok'] else 'FAILED', f"{x['wall_s']:.1f}", f"{x['cpu_s']:.1f}"] for x in r['rows']]
+    rows = [[x['notebook'], 'yes' if x['ok'] else 'FAILED', f"{x['wall_s']:.1f}", f"{x['cpu_s']:.1f}", x.get('lesson_budget', '')]
+            for x in r['rows']]
     n_ok = sum(x['ok'] for x in r['rows'])
-    rows.append(['**total**', f"{n_ok}/{len(r['rows'])}", f"**{r['total_wall_s']:.1f}**", f"{r['total_cpu_s']:.1f}"])
+    over = [x['notebook'] for x in r['rows'] if x.get('lesson_budget') == 'MISSED']
+    rows.append(['**total**', f"{n_ok}/{len(r['rows'])}", f"**{r['total_wall_s']:.1f}**", f"{r['total_cpu_s']:.1f}", ''])
+    lesson = (f" Each lesson's budget is {r['lesson_s']} s: " + (f"over it: {', '.join(over)}." if over else "all within it.")) if 'lesson_s' in r else ''
     return (f"Every notebook through nbdev's `test_nb` (as `tests/test_notebooks.py` runs them), "
-            f"{'a process each' if r.get('fresh') else 'one process'}, cells flagged {' '.join(r['skipped_flags'])} skipped.\n\n" +
-            table(['notebook', 'ok', 'wall s', 'CPU s'], rows) +
-            f"\n\nTotal {r['total_wall_s']:.0f} s (target <= {r['target_s']} s: {'met' if r['total_wall_s'] <= r['target_s'] else 'missed'}).")
+            f"{'a process each (start-up counted, as a student restarting the kernel)' if r.get('fresh') else 'one process'}, "
+            f"cells flagged {' '.join(r['skipped_flags'])} skipped.\n\n" +
+            table(['notebook', 'ok', 'wall s', 'CPU s', 'lesson budget'], rows) +
+            f"\n\nTotal {r['total_wall_s']:.0f} s (target <= {r['target_s']} s: {'met' if r['total_wall_s'] <= r['target_s'] else 'missed'})." + lesson)
 
 
 def gpu(r):
