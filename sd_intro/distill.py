@@ -20,9 +20,9 @@ from .training import model_fingerprint, save_lora, save_state, load_state, chan
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
-           'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'lcm_info', 'lcm_pipeline', 'check_lcm_lora',
-           'is_lcm', 'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio', 'DistillConfig',
-           'save_lcm_lora', 'distill', 'main']
+           'ddim_step', 'lcm_loss', 'teacher_endpoints', 'anchor_loss', 'lcm_info', 'lcm_stages', 'lcm_pipeline',
+           'check_lcm_lora', 'is_lcm', 'lcm_max_steps', 'check_lcm', 'lcm_generate', 'few_step_quality', 'speed_ratio',
+           'DistillConfig', 'save_lcm_lora', 'distill', 'main']
 
 # %% ../nbs/07_few_steps.ipynb #1cf2cbb6
 def boundary_scalings(t: torch.Tensor,            # timesteps
@@ -141,6 +141,13 @@ def lcm_info(lora: str | os.PathLike = LCM_LORA) -> dict:
     info = dict(num_ddim_timesteps=50, w_min=None, w_max=None)
     if f.is_file(): info.update(json.loads(f.read_text()))
     return info
+
+# %% ../nbs/07_few_steps.ipynb #43d15431
+def lcm_stages(info: dict | str | os.PathLike = LCM_LORA) -> list[dict]:
+    "The runs that made an LCM-LoRA, first to last: a continued run's `continued_from` unrolled (`info`: a folder or its `lcm_info`)."
+    info = info if isinstance(info, dict) else lcm_info(info)
+    earlier = info.get('continued_from')
+    return (lcm_stages(earlier) if earlier else []) + [{k: v for k, v in info.items() if k != 'continued_from'}]
 
 # %% ../nbs/07_few_steps.ipynb #db76afbc
 def lcm_pipeline(model=None,                       # the base model, as `load_pipeline` takes it (default: the embedded one)
@@ -281,10 +288,10 @@ def speed_ratio(base, lcm,              # the base model's pipeline and the LCM'
 @dataclass
 class DistillConfig:
     "Every setting of a distillation run (the command line has one flag per field)."
-    steps: int = 1600            # optimiser steps
+    steps: int = 2400            # optimiser steps
     batch_size: int = 32
     lr: float = 2e-3             # AdamW learning rate (cosine decay after a 5% warm-up)
-    rank: int = 16               # LoRA rank
+    rank: int = 32               # LoRA rank
     w_min: float = 3.0           # guidance w baked in, drawn from [w_min, w_max] (CFG scale w + 1)
     w_max: float = 8.0
     num_ddim_timesteps: int = 20 # the solver's skipping schedule, k = 1000/20 = 50 (LCMScheduler's original_inference_steps)
@@ -449,6 +456,8 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
                advice=f"lower the learning rate (lr={cfg.lr})")
     seconds = time.time() - t0 if start < cfg.steps else seconds
     info = dict(run, train_seconds=round(seconds, 1), device=str(device), torch_threads=torch.get_num_threads())
+    if cfg.init_lora:   # a continued run: the folder by its name only (no machine paths), and the run it continued
+        info.update(init_lora=Path(cfg.init_lora).name, continued_from=lcm_info(cfg.init_lora))
     save_lcm_lora(student.to('cpu'), out, info)
     log(f"saved {out} ({seconds:.0f}s of training on {device})")
     return out
@@ -471,10 +480,10 @@ def main(out: Param("the LoRA folder to write (weights + distill.json)", str, re
          device: str = 'cpu',            # 'cpu' or 'cuda'
          threads: int = None,            # torch CPU threads (default: torch's choice)
          overwrite: bool = False,        # replace the LoRA in an existing OUT (other files there are kept)
-         steps: int = 1600,              # optimiser steps
+         steps: int = 2400,              # optimiser steps
          batch_size: int = 32,           # latents per step
          lr: float = 2e-3,               # AdamW learning rate (cosine decay after a 5% warm-up)
-         rank: int = 16,                 # LoRA rank
+         rank: int = 32,                 # LoRA rank
          w_min: float = 3.0,             # guidance w baked in, drawn from [w_min, w_max] (CFG scale w + 1)
          w_max: float = 8.0,             # the top of that range
          num_ddim_timesteps: int = 20,   # the solver's skipping schedule, k = 1000/20 = 50 (LCMScheduler's original_inference_steps)

@@ -185,12 +185,23 @@ def test_init_lora_continues_from_a_distilled_lora_or_says_what_is_missing(tmp_p
     with pytest.raises(FileNotFoundError, match='init_lora='): DistillConfig(init_lora=str(tmp_path)).check()
     DistillConfig(init_lora=LCM_LORA).check()
     pipe = load_pipeline()
-    warm, fresh = _student(pipe.unet, 16, 0, LCM_LORA), _student(pipe.unet, 16, 0)
+    rank = lcm_info()['rank']
+    warm, fresh = _student(pipe.unet, rank, 0, LCM_LORA), _student(pipe.unet, rank, 0)
     sd = {k.removeprefix('unet.'): v for k, v in load_file(str(Path(LCM_LORA) / LCM_WEIGHTS)).items()}
     got = {k: v for k, v in warm.state_dict().items() if 'lora' in k}
     assert any(torch.equal(v, sd[k.replace('.default', '')]) for k, v in got.items() if k.replace('.default', '') in sd)
     assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in got.items())
     with pytest.raises(ValueError, match='rank'): _student(pipe.unet, 4, 0, LCM_LORA)
+
+
+def test_a_continued_run_records_the_run_it_continued_without_machine_paths(tmp_path):
+    first = distill(tmp_path / 'first', log=None, **TINY)
+    second = distill(tmp_path / 'second', log=None, **dict(TINY, steps=2, init_lora=str(first)))
+    text = (second / LCM_INFO).read_text()
+    assert str(tmp_path) not in text, text
+    info = json.loads(text)
+    assert info['init_lora'] == 'first' and info['steps'] == 2
+    assert info['continued_from'] == lcm_info(first) and info['continued_from']['steps'] == 3
 
 
 # ==== models and records (issue 31): an LCM is used as one through generate too; pictures name their LoRA ==============
