@@ -21,11 +21,10 @@ from nbdev.config import get_config
 from nbdev.test import test_nb as run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import render  # noqa: E402  (`render.lessons()`: which notebooks are lessons, as the tests and `make render` say)
 TARGET_S = 240          # the whole course
 LESSON_S = 60           # each lesson
-
-
-def is_lesson(nb: Path) -> bool: return nb.name[:2].isdigit() and 1 <= int(nb.name[:2]) <= 9
 
 
 def run_fresh(nb, flags):
@@ -63,6 +62,7 @@ def main(argv=None):
           f"{f', {args.threads} torch thread(s)' if args.threads else ''}")
     print(f'| notebook | ok | wall s | CPU s | lesson budget ({LESSON_S} s) |\n|---|---|---|---|---|')
     total, total_cpu, failed, rows = 0.0, 0.0, [], []
+    lessons = {p.resolve() for p in render.lessons()}
     for nb in nbs:
         c0 = cpu_seconds()
         if args.fresh: ok, secs = run_fresh(nb, flags)
@@ -73,7 +73,7 @@ def main(argv=None):
         cpu = cpu_seconds() - c0
         total, total_cpu = total + secs, total_cpu + cpu
         if not ok: failed.append(nb.name)
-        budget = ('met' if secs <= LESSON_S else 'MISSED') if is_lesson(nb) else ''
+        budget = ('met' if secs <= LESSON_S else 'MISSED') if nb in lessons else ''
         rows.append(dict(notebook=nb.name, ok=bool(ok), wall_s=round(secs, 1), cpu_s=round(cpu, 1), **({'lesson_budget': budget} if budget else {})))
         print(f"| {nb.name} | {'yes' if ok else 'FAILED'} | {secs:.1f} | {cpu:.1f} | {budget} |", flush=True)
     over = [r['notebook'] for r in rows if r.get('lesson_budget') == 'MISSED']
