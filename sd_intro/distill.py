@@ -457,7 +457,8 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     seconds = time.time() - t0 if start < cfg.steps else seconds
     info = dict(run, train_seconds=round(seconds, 1), device=str(device), torch_threads=torch.get_num_threads())
     if cfg.init_lora:   # a continued run: the folder by its name only (no machine paths), and the run it continued
-        info.update(init_lora=Path(cfg.init_lora).name, continued_from=lcm_info(cfg.init_lora))
+        info['init_lora'] = Path(cfg.init_lora).name   # (its record if it has one: `lcm_info` would fill in published defaults)
+        if (Path(cfg.init_lora).expanduser() / LCM_INFO).is_file(): info['continued_from'] = lcm_info(cfg.init_lora)
     save_lcm_lora(student.to('cpu'), out, info)
     log(f"saved {out} ({seconds:.0f}s of training on {device})")
     return out

@@ -1,5 +1,5 @@
 "Lesson 7's distillation helpers: bad inputs named, runs written whole and resumed exactly, the shipped LCM-LoRA."
-import configparser, fnmatch, json, warnings
+import configparser, fnmatch, json, shutil, warnings
 from pathlib import Path
 from types import SimpleNamespace
 import pytest
@@ -202,6 +202,10 @@ def test_a_continued_run_records_the_run_it_continued_without_machine_paths(tmp_
     info = json.loads(text)
     assert info['init_lora'] == 'first' and info['steps'] == 2
     assert info['continued_from'] == lcm_info(first) and info['continued_from']['steps'] == 3
+    bare = tmp_path / 'bare'; bare.mkdir()   # weights without a distill.json (a published LoRA): no invented record
+    shutil.copy(first / LCM_WEIGHTS, bare / LCM_WEIGHTS)
+    third = distill(tmp_path / 'third', log=None, **dict(TINY, steps=1, init_lora=str(bare)))
+    assert lcm_info(third)['init_lora'] == 'bare' and 'continued_from' not in lcm_info(third)
 
 
 # ==== models and records (issue 31): an LCM is used as one through generate too; pictures name their LoRA ==============
