@@ -67,25 +67,25 @@ def lcm_loss(student, teacher,           # the UNet being distilled (LoRA on) an
     idx = torch.randint(0, num_ddim_timesteps, (n,), generator=g)
     t_start = skipping_timesteps(num_ddim_timesteps, len(alphas_cumprod))[idx]
     t_end = (t_start - k).clamp(min=0)
-    ab = lambda t: alphas_cumprod[t].view(n, 1, 1, 1).to(dev)
+    ab_start, ab_end = (alphas_cumprod[t].view(n, 1, 1, 1).to(dev) for t in (t_start, t_end))  # (indexed here, on the CPU: the schedule stays there)
     cs_start, co_start = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_start, timestep_scaling))
     cs_end, co_end = (c.view(n, 1, 1, 1).to(dev) for c in boundary_scalings(t_end, timestep_scaling))
     noise = torch.randn(latents.shape, generator=g).to(dev)
-    x = ab(t_start).sqrt() * latents + (1 - ab(t_start)).sqrt() * noise     # z at t+k
+    x = ab_start.sqrt() * latents + (1 - ab_start).sqrt() * noise     # z at t+k
     w = (w_range[0] + (w_range[1] - w_range[0]) * torch.rand(n, generator=g)).view(n, 1, 1, 1).to(dev)
     t_start, t_end = t_start.to(dev), t_end.to(dev)
     # the student's guess of the clean picture from t+k, through the boundary condition
-    x0 = _x0_eps(student(x, t_start, cond).sample, x, ab(t_start), prediction_type)[0]
+    x0 = _x0_eps(student(x, t_start, cond).sample, x, ab_start, prediction_type)[0]
     pred = cs_start * x + co_start * x0
     with torch.no_grad():
         # the teacher, guided with w (cond and empty prompt in one batch), takes one DDIM step to t
         out_c, out_u = teacher(torch.cat([x, x]), torch.cat([t_start, t_start]),
                                torch.cat([cond, uncond.expand_as(cond)])).sample.chunk(2)
-        x0_c, eps_c = _x0_eps(out_c, x, ab(t_start), prediction_type)
-        x0_u, eps_u = _x0_eps(out_u, x, ab(t_start), prediction_type)
-        x_prev = ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), ab(t_end))
+        x0_c, eps_c = _x0_eps(out_c, x, ab_start, prediction_type)
+        x0_u, eps_u = _x0_eps(out_u, x, ab_start, prediction_type)
+        x_prev = ddim_step(x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u), ab_end)
         # the target: the student's own guess from there (LCM-LoRA uses the same weights, no EMA copy)
-        target = cs_end * x_prev + co_end * _x0_eps(student(x_prev, t_end, cond).sample, x_prev, ab(t_end), prediction_type)[0]
+        target = cs_end * x_prev + co_end * _x0_eps(student(x_prev, t_end, cond).sample, x_prev, ab_end, prediction_type)[0]
     return _distance(pred, target, loss_type, huber_c)
 
 def _distance(pred, target, loss_type='huber', huber_c=1e-3):

@@ -226,3 +226,17 @@ def lock_holder():
         os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0); pids.remove(pid)
     yield SimpleNamespace(hold=hold, kill=kill)
     for pid in list(pids): kill(pid)
+
+
+@pytest.fixture
+def cpu_indexed():
+    "Marks a CPU tensor (a schedule) so that an index on another device fails as it does on CUDA; with the UNet and batch on "
+    "the 'meta' device this stands in for a GPU run on a machine without one."
+    import torch
+
+    class CPUIndexed(torch.Tensor):
+        def __getitem__(self, i):
+            if torch.is_tensor(i) and i.device.type != 'cpu' and i.device != self.device:   # (torch's rule on CUDA)
+                raise RuntimeError('indices should be either on cpu or on the same device as the indexed tensor (cpu)')
+            return torch.Tensor.__getitem__(self.as_subclass(torch.Tensor), i)
+    return lambda t: t.as_subclass(CPUIndexed)

@@ -19,3 +19,14 @@ def test_command_line_hands_its_options_to_make_embedded(monkeypatch, tmp_path, 
            (str(tmp_path / 'm'), None, 5, 8, 0.5, 0, 'cpu')
     assert (b['out'], b['judge_out'], b['unet_steps']) == (package / 'models' / 'shapes-sd', package / 'assets' / 'judge.safetensors', E.UNET_STEPS)
     assert a['judge_out'] == b['judge_out'] and callable(a['log'])
+
+
+def test_diffusion_loss_runs_with_the_unet_on_another_device_than_the_schedule(pipe, cpu_indexed):
+    "The schedule and the generator stay on the CPU, the UNet and the batch move (the 'meta' device stands in for a GPU)."
+    import copy, torch
+    from diffusers import DDPMScheduler
+    u = copy.deepcopy(pipe.unet).to('meta')
+    lat, cond = torch.zeros(2, 4, 8, 8, device='meta'), torch.zeros(2, 7, pipe.unet.config.cross_attention_dim, device='meta')
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    sched.alphas_cumprod = cpu_indexed(sched.alphas_cumprod)
+    assert E.diffusion_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'
