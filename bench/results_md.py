@@ -118,9 +118,15 @@ def distill(r):
     rows = [[f"{who}, {n} step{'s' if n != '1' else ''}", *(pct(v[k], 0) for k in ('colour', 'shape', 'background', 'all'))]
             for who, rs in fs.items() for n, v in rs.items()]
     d, sp = r['distill'], r['speed']
-    return (f"The LCM-LoRA ({d['steps']} training steps x {d['batch_size']}, rank {d['rank']}"
-            f"{', anchor ' + str(d['anchor']) if d.get('anchor') else ', no anchor'}, {d['train_seconds']:.0f} s on "
-            f"{d['device']}) at guidance 1 against the base model at 7.5; 256 judged pictures per row.\n\n" +
+    stages = [d]   # a continued run carries the run it continued (`continued_from`), first stage innermost
+    while 'continued_from' in stages[0]: stages.insert(0, stages[0]['continued_from'])
+    def stage(s):
+        w = f"w {s['w_min']:g}" if s.get('w_min') == s.get('w_max') else f"w {s.get('w_min', 3):g}-{s.get('w_max', 8):g}"
+        return (f"{s['steps']} steps x {s['batch_size']}, lr {s['lr']:g}, {'anchor ' + str(s['anchor']) if s.get('anchor') else 'no anchor'}, "
+                f"{w}, {s['train_seconds']:.0f} s on {s['device']}")
+    made = (f"in {len(stages)} stages ({'; '.join(stage(s) for s in stages)})" if len(stages) > 1 else f"({stage(d)})")
+    return (f"The LCM-LoRA, rank {d['rank']}, distilled {made}, at guidance 1 against the base model at 7.5; "
+            f"256 judged pictures per row.\n\n" +
             table(['model, steps', 'colour', 'shape', 'background', 'all'], rows) +
             f"\n\nTime per picture: base 30 steps {sp['base_s'] * 1000:.0f} ms, LCM 4 steps {sp['LCM_s'] * 1000:.0f} ms: "
             f"ratio {sp['ratio']:.3f} ({1 / sp['ratio']:.1f} times faster; {r['threads']} threads).")

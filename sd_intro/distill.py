@@ -217,7 +217,8 @@ def check_lcm(pipe, num_inference_steps: int, guidance_scale: float = 1.0, negat
     if not is_real(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale!r}: use 1 (the guidance is baked in), or up to 2")
     w = getattr(pipe, 'sd_intro_lcm', None) or {}
-    baked = f" (distilled with guidance scales {w['w_min'] + 1:g} to {w['w_max'] + 1:g})" if w.get('w_min') is not None else ''
+    lo, hi = w.get('w_min'), w.get('w_max')   # (a fixed w: one scale)
+    baked = '' if lo is None else f" (distilled with guidance scale{f' {lo + 1:g}' if lo == hi else f's {lo + 1:g} to {hi + 1:g}'})"
     if guidance_scale < 1:
         warnings.warn(f"guidance_scale={guidance_scale} is ignored: at 1 or below diffusers runs no classifier-free "
                       f"guidance, and this model's guidance is baked into its weights{baked}; 1 makes the same picture")
