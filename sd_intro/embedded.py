@@ -212,9 +212,10 @@ def noisy_scene(scene, rng: random.Random, p: float, attributes=NOISY_ATTRIBUTES
 def diffusion_loss(unet, scheduler, latents, cond, g=None, snr_gamma=5.0):
     "Min-SNR weighted noise-prediction loss of `unet` on clean `latents` with text states `cond`."
     n, dev = len(latents), latents.device  # noise and timesteps come from the CPU generator `g`: same on any device
-    noise = torch.randn(latents.shape, generator=g).to(dev)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g)
-    ac = scheduler.alphas_cumprod[t].to(dev)
+    gdev = g.device if g is not None else torch.device('cpu')   # (drawn there even inside a `torch.device` context)
+    noise = torch.randn(latents.shape, generator=g, device=gdev).to(dev)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=g, device=gdev)
+    ac = scheduler.alphas_cumprod.to(gdev)[t].to(dev)
     t = t.to(dev)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, cond).sample

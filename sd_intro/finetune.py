@@ -416,7 +416,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
         total = torch.zeros((), device=device)
         for micro in range(accum):
             pixels, caps = next(batches)
-            g = torch.Generator(device).manual_seed(run_seed('noise', cfg.seed, i, micro, rank))
+            g = torch.Generator().manual_seed(run_seed('noise', cfg.seed, i, micro, rank))   # on the CPU: the same noise on any device
             with torch.no_grad():
                 latents = vae_latents(pipe.vae, pixels.to(device, weight_dtype), g)
                 cond = pipe.encode_prompt(caps, device, 1, False)[0]

@@ -30,3 +30,7 @@ def test_diffusion_loss_runs_with_the_unet_on_another_device_than_the_schedule(p
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     sched.alphas_cumprod = cpu_indexed(sched.alphas_cumprod)
     assert E.diffusion_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)   # (diffusers' `add_noise` moved the last one's schedule)
+    sched.alphas_cumprod = cpu_indexed(sched.alphas_cumprod)
+    with torch.device('meta'):   # fine-tuning runs the loss inside `torch.device(device)` on a GPU: the draws stay on the CPU
+        assert E.diffusion_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'
