@@ -118,13 +118,13 @@ def distill(r):
     rows = [[f"{who}, {n} step{'s' if n != '1' else ''}", *(pct(v[k], 0) for k in ('colour', 'shape', 'background', 'all'))]
             for who, rs in fs.items() for n, v in rs.items()]
     d, sp = r['distill'], r['speed']
-    stages = [d]   # a continued run carries the run it continued (`continued_from`), first stage innermost
-    while 'continued_from' in stages[0]: stages.insert(0, stages[0]['continued_from'])
+    from sd_intro.distill import lcm_stages   # (a continued run's `continued_from` unrolled, first stage first)
+    stages = lcm_stages(d)
     def stage(s):
         w = f"w {s['w_min']:g}" if s.get('w_min') == s.get('w_max') else f"w {s.get('w_min', 3):g}-{s.get('w_max', 8):g}"
         return (f"{s['steps']} steps x {s['batch_size']}, lr {s['lr']:g}, {'anchor ' + str(s['anchor']) if s.get('anchor') else 'no anchor'}, "
                 f"{w}, {s['train_seconds']:.0f} s on {s['device']}")
-    made = (f"in {len(stages)} stages ({'; '.join(stage(s) for s in stages)})" if len(stages) > 1 else f"({stage(d)})")
+    made = (f"in {len(stages)} stages ({'; '.join(stage(s) for s in stages)})" if len(stages) > 1 else f"({stage(stages[0])})")
     return (f"The LCM-LoRA, rank {d['rank']}, distilled {made}, at guidance 1 against the base model at 7.5; "
             f"256 judged pictures per row.\n\n" +
             table(['model, steps', 'colour', 'shape', 'background', 'all'], rows) +

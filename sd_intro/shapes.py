@@ -249,8 +249,10 @@ class JudgeNet(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(8 * width, len(v)) for k, v in ATTRIBUTES.items()})
         g = torch.linspace(-1, 1, SIZE)
         self.register_buffer('coords', torch.stack(torch.meshgrid(g, g, indexing='ij'))[None], persistent=False)
-    def forward(self, x): # x: N x 3 x 64 x 64 in [-1, 1]
-        h = self.body(torch.cat([x, self.coords.expand(len(x), -1, -1, -1)], 1))
+    def features(self, x): # x: N x 3 x 64 x 64 in [-1, 1]; what every head reads
+        return self.body(torch.cat([x, self.coords.expand(len(x), -1, -1, -1)], 1))
+    def forward(self, x):
+        h = self.features(x)
         return {k: head(h) for k, head in self.heads.items()}
 
 # %% ../nbs/00a_lib_shapes.ipynb #e854d8b6

@@ -240,3 +240,12 @@ def cpu_indexed():
                 raise RuntimeError('indices should be either on cpu or on the same device as the indexed tensor (cpu)')
             return torch.Tensor.__getitem__(self.as_subclass(torch.Tensor), i)
     return lambda t: t.as_subclass(CPUIndexed)
+
+
+@pytest.fixture
+def on_meta(pipe):
+    "The embedded UNet and a batch (latents, text states) on the 'meta' device: shapes without data, a GPU's stand-in."
+    import copy, torch
+    from types import SimpleNamespace
+    return SimpleNamespace(unet=copy.deepcopy(pipe.unet).to('meta'), latents=torch.zeros(2, 4, 8, 8, device='meta'),
+                           cond=torch.zeros(2, 7, pipe.unet.config.cross_attention_dim, device='meta'))

@@ -283,14 +283,12 @@ def test_a_lora_folder_without_the_named_weights_is_named(tmp_path):
         lcm_pipeline(lora=tmp_path / 'l')
 
 
-def test_the_losses_run_with_the_models_on_another_device_than_the_schedule(pipe, cpu_indexed):
+def test_the_losses_run_with_the_models_on_another_device_than_the_schedule(pipe, cpu_indexed, on_meta):
     "On a GPU the schedule and the generator stay on the CPU while the UNets and batches move; `lcm_loss` once indexed "
     "the schedule with timesteps already moved, which broke every `--device cuda` run (found on an H200)."
     from sd_intro.distill import lcm_loss
-    import copy
-    u = copy.deepcopy(pipe.unet).to('meta')
+    u, lat, cond = on_meta.unet, on_meta.latents, on_meta.cond
     ac = cpu_indexed(pipe.scheduler.alphas_cumprod.float())
-    lat, cond = torch.zeros(2, 4, 8, 8, device='meta'), torch.zeros(2, 7, pipe.unet.config.cross_attention_dim, device='meta')
     loss = lcm_loss(u, u, ac, lat, cond, cond[:1], torch.Generator().manual_seed(0), num_ddim_timesteps=20)
     assert loss.device.type == 'meta' and loss.shape == ()
     assert anchor_loss(u, ac, lat, lat, cond).device.type == 'meta'

@@ -21,12 +21,11 @@ def test_command_line_hands_its_options_to_make_embedded(monkeypatch, tmp_path, 
     assert a['judge_out'] == b['judge_out'] and callable(a['log'])
 
 
-def test_diffusion_loss_runs_with_the_unet_on_another_device_than_the_schedule(pipe, cpu_indexed):
+def test_diffusion_loss_runs_with_the_unet_on_another_device_than_the_schedule(pipe, cpu_indexed, on_meta):
     "The schedule and the generator stay on the CPU, the UNet and the batch move (the 'meta' device stands in for a GPU)."
-    import copy, torch
+    import torch
     from diffusers import DDPMScheduler
-    u = copy.deepcopy(pipe.unet).to('meta')
-    lat, cond = torch.zeros(2, 4, 8, 8, device='meta'), torch.zeros(2, 7, pipe.unet.config.cross_attention_dim, device='meta')
+    u, lat, cond = on_meta.unet, on_meta.latents, on_meta.cond
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     sched.alphas_cumprod = cpu_indexed(sched.alphas_cumprod)
     assert E.diffusion_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'

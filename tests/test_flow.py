@@ -418,11 +418,9 @@ def test_a_shift_on_a_ddpm_pipeline_is_not_dropped_silently(pipe):
     with pytest.raises(ValueError, match=r"the record's 'Shift: -1.0'"): replay(dict(s, shift=-1.0), pipe)
 
 
-def test_flow_loss_runs_with_the_unet_on_another_device_than_the_schedule(pipe, cpu_indexed):
+def test_flow_loss_runs_with_the_unet_on_another_device_than_the_schedule(cpu_indexed, on_meta):
     "The schedule and the generator stay on the CPU, the UNet and the batch move (the 'meta' device stands in for a GPU)."
-    import copy
-    u = copy.deepcopy(pipe.unet).to('meta')
-    lat, cond = torch.zeros(2, 4, 8, 8, device='meta'), torch.zeros(2, 7, pipe.unet.config.cross_attention_dim, device='meta')
     sched = FlowMatchEulerDiscreteScheduler()
     sched.timesteps, sched.sigmas = cpu_indexed(sched.timesteps), cpu_indexed(sched.sigmas)
-    assert flow_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'
+    loss = flow_loss(on_meta.unet, sched, on_meta.latents, on_meta.cond, torch.Generator().manual_seed(0))
+    assert loss.device.type == 'meta'

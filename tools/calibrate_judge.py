@@ -55,13 +55,13 @@ def creature_row(net, tune, folds=3, log=print):
     import random
     import torch.nn.functional as F
     from sd_intro.shapes import (JudgeNet, SHAPES, HELD_OUT, shows_ears, parse_caption, to_tensor, random_scene, render, _augment,
-                                 make_dataset, scene_attributes)
+                                 _creature_loss, make_dataset, scene_attributes)
     net = net.eval(); K = SHAPES.index(HELD_OUT); W = net.heads['shape']
     g, rng = torch.Generator().manual_seed(0), random.Random(0)
     def feats(x, aug=False):
         with torch.no_grad():
             if aug: x = _augment(x, g)
-            return net.body(torch.cat([x, net.coords.expand(len(x), -1, -1, -1)], 1))
+            return net.features(x)
     y = torch.tensor([shows_ears(i, parse_caption(p)['colour'], parse_caption(p)['background']) for i, p in tune], dtype=torch.float)
     xg = to_tensor([i for i, _ in tune]); Hg = torch.cat([feats(xg, True) for _ in range(4)]); Yg = y.repeat(4)
     scenes = [random_scene(rng, shapes=SHAPES, style_weights=(1, 1, 1)) for _ in range(3000)]
@@ -71,14 +71,11 @@ def creature_row(net, tune, folds=3, log=print):
     Hv, Sv = feats(to_tensor(vimg)), torch.tensor([SHAPES.index(scene_attributes(s)['shape']) for s in vsc])
     def logits(H, dw, db):
         out = W(H).clone(); out[:, K] = out[:, K] + H @ dw + db; return out
-    def creature_bce(out, t):
-        rest = torch.cat([out[:, :K], out[:, K + 1:]], 1).logsumexp(1)
-        return F.binary_cross_entropy_with_logits(out[:, K] - rest, t)
     def fit(idx, wc, steps):
         dw = torch.zeros(Hg.shape[1], requires_grad=True); db = torch.zeros((), requires_grad=True)
         opt = torch.optim.Adam([dw, db], 1e-2)
         for _ in range(steps):
-            loss = creature_bce(logits(Hg[idx], dw, db), Yg[idx]) + wc * F.cross_entropy(logits(Hc, dw, db), Sc)
+            loss = _creature_loss(logits(Hg[idx], dw, db), Yg[idx]) + wc * F.cross_entropy(logits(Hc, dw, db), Sc)
             opt.zero_grad(); loss.backward(); opt.step()
         return dw.detach(), db.detach()
     n, best = len(tune), None
