@@ -102,8 +102,8 @@ def load_captioned(source,                     # a folder (imagefolder), a `data
                    check_images: bool = True    # open every picture before training, so a bad one fails now, by name
                   ) -> CaptionedImages:
     "Captioned pictures to train on, checked: errors name the file, row or column at fault."
+    if isinstance(source, CaptionedImages): return source   # (before importing `datasets`: rows of your own need none)
     import datasets
-    if isinstance(source, CaptionedImages): return source
     if isinstance(source, datasets.DatasetDict):
         if split not in source: raise ValueError(f"split={split!r} is not in the dataset: its splits are {list(source)}")
         source = source[split]

@@ -370,7 +370,8 @@ def _train_flow(out: Path, cfg: FlowConfig, device: str, log) -> FlowRun:
             unet = UNet2DConditionModel.from_config(base.unet.config)
     unet = unet.to(device).train().requires_grad_(True)
     with atomic_file(out / 'config.json') as tmp: tmp.write_text(json.dumps(run, indent=1))
-    means, stds, scenes = flow_latents(out, vae, cfg.n_images, cfg.data_seed, log)
+    means, stds, scenes = flow_latents(out, vae, cfg.n_images, cfg.data_seed, log)   # (encoded on the CPU: the same cache on any device)
+    vae.to(device)   # the validation pictures decode where the UNet draws them
     sf = vae.config.scaling_factor
     train_sched = FlowMatchEulerDiscreteScheduler(shift=cfg.train_shift)
     opt = torch.optim.AdamW(unet.parameters(), cfg.lr, weight_decay=0.01)

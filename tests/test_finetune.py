@@ -464,3 +464,14 @@ def test_macos_resource_files_are_ignored(tmp_path):
 def test_make_keeps_a_chosen_learning_rate():
     assert ft.FinetuneConfig.make(ft.FinetuneConfig(lr=3e-4), method='full').lr == 3e-4
     assert ft.FinetuneConfig.make(ft.FinetuneConfig(), method='full').lr == 1e-5
+
+
+def test_captioned_rows_of_your_own_need_no_datasets(monkeypatch):
+    "`CaptionedImages` over rows of your own passes through `load_captioned` without importing `datasets` (a GPU box "
+    "may lack it: found on one)."
+    from sd_intro.captioned import CaptionedImages, load_captioned
+    class Rows(list):
+        def __getitem__(self, k): return [r[k] for r in self] if isinstance(k, str) else list.__getitem__(self, k)
+    data = CaptionedImages(Rows([dict(image=Image.new('RGB', (8, 8), 'red'), text='a red square')]))
+    monkeypatch.setitem(sys.modules, 'datasets', None)   # importing it now fails
+    assert load_captioned(data) is data and data[0][1] == 'a red square' and data.image(0).size == (8, 8)

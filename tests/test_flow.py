@@ -424,3 +424,17 @@ def test_flow_loss_runs_with_the_unet_on_another_device_than_the_schedule(cpu_in
     sched.timesteps, sched.sigmas = cpu_indexed(sched.timesteps), cpu_indexed(sched.sigmas)
     loss = flow_loss(on_meta.unet, sched, on_meta.latents, on_meta.cond, torch.Generator().manual_seed(0))
     assert loss.device.type == 'meta'
+
+
+def test_validation_draws_with_every_part_on_the_training_device(tmp_path, monkeypatch):
+    "On a GPU the validation pictures once decoded with the VAE left on the CPU (found on an H200: `Input type "
+    "(torch.cuda.FloatTensor) and weight type (torch.FloatTensor)`); the 'meta' device stands in for the GPU here."
+    import sd_intro.flow as F
+    seen = {}
+    class Drawn(Exception): pass
+    def generate(pipe, *a, **kw):
+        seen.update({k: next(getattr(pipe, k).parameters()).device.type for k in ('unet', 'text_encoder', 'vae')})
+        raise Drawn
+    monkeypatch.setattr(F, 'generate', generate)
+    with pytest.raises(Drawn): F.train_flow(tmp_path / "run", device="meta", steps=2, n_images=4, batch_size=2, log=None)
+    assert seen == dict(unet='meta', text_encoder='meta', vae='meta'), seen
