@@ -1,6 +1,7 @@
 """Which model a bench result was measured on: the fingerprints every file in bench/results/ records.
 
-A result records `model`, the fingerprint of the embedded model's UNet weights (`sd_intro.finetune.model_fingerprint`)
+A result records `model`, the fingerprint of the embedded model's UNet weights (`sd_intro.finetune.model_fingerprint`),
+`judge`, that of the judge shipped when it was measured (`judge_fingerprint`; results from before session 12 lack it),
 and, when it measured the shipped LCM-LoRA, `lora`, the fingerprint of its weights (`lora_fingerprint`). A lesson or
 README that cites a result whose fingerprints are not the shipped model's fails `tests/test_bench_results.py`:
 re-run the bench script after retraining. Results of other models say so: `model` is then a name such as
@@ -34,16 +35,22 @@ def lora_fingerprint(folder: str | os.PathLike | None = None) -> str:
     return file_fingerprint(Path(folder or LCM_LORA) / 'pytorch_lora_weights.safetensors')
 
 
+def judge_fingerprint() -> str:
+    "A short hash of the shipped judge's weights: judged figures (adherence, creature verdicts) belong to one judge."
+    from sd_intro.shapes import JUDGE_PATH
+    return file_fingerprint(JUDGE_PATH)
+
+
 def shipped() -> dict:
-    "The fingerprints of what ships: {'model': the embedded UNet's, 'lora': the LCM-LoRA's}."
+    "The fingerprints of what ships: {'model': the embedded UNet's, 'lora': the LCM-LoRA's, 'judge': the judge's}."
     from sd_intro.finetune import model_fingerprint
-    return dict(model=model_fingerprint(), lora=lora_fingerprint())
+    return dict(model=model_fingerprint(), lora=lora_fingerprint(), judge=judge_fingerprint())
 
 
 def stamp(result: dict, model=None, lora=None) -> dict:
     "`result` with the fingerprints of the model (a folder, default the embedded one) and LoRA folder it measured first."
     from sd_intro.finetune import model_fingerprint
-    out = dict(model=model_fingerprint(model))
+    out = dict(model=model_fingerprint(model), judge=judge_fingerprint())
     if lora is not None: out['lora'] = lora_fingerprint(lora)
     return {**out, **{k: v for k, v in result.items() if k not in out}}
 
@@ -61,6 +68,7 @@ def stale(result: dict, now: dict | None = None) -> list[str]:
     out = []
     if model != now['model']: out.append(f"model {model} (shipped: {now['model']})")
     if 'lora' in result and result['lora'] != now['lora']: out.append(f"LoRA {result['lora']} (shipped: {now['lora']})")
+    if 'judge' in result and result['judge'] != now['judge']: out.append(f"judge {result['judge']} (shipped: {now['judge']})")
     return out
 
 

@@ -192,6 +192,15 @@ def training_batches(data: CaptionedImages, # the pictures
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=range(first, last), num_workers=num_workers))
 
 # %% ../nbs/00i_lib_captioned.ipynb #5a9131c9
-def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None,
+                cache: dict | None = None # encodings by picture content: each picture goes through the encoder once
+               ) -> torch.Tensor:
     "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
-    return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
+    if cache is None: return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    keys = [hashlib.sha256(p.detach().cpu().numpy().tobytes()).hexdigest() for p in pixels]
+    new = list(dict.fromkeys(k for k in keys if k not in cache))
+    if new: cache.update(zip(new, vae.encode(pixels[[keys.index(k) for k in new]]).latent_dist.parameters))
+    moments = torch.stack([cache[k] for k in keys])
+    if cache[keys[0]].stride()[0] == 1: moments = moments.contiguous(memory_format=torch.channels_last)   # the encoder's layout:
+    return DiagonalGaussianDistribution(moments).sample(generator=g).float() * vae.config.scaling_factor    # the UNet's sums follow it

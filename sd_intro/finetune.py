@@ -410,6 +410,8 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
     batches = training_batches(data, start * accum, stop * accum, cfg.num_workers, batch_size=cfg.batch_size, resolution=resolution,
                                seed=cfg.seed, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                                caption_dropout=cfg.caption_dropout, rank=rank, world=world)
+    # a picture prepared the same way at every step (centre crop, no flips) is encoded once; its latent is still sampled each step
+    encoded = {} if cfg.center_crop and not cfg.random_flip else None
 
     def step(i):
         "Optimiser step `i`: `accum` micro-batches, clipping, the schedule and the EMA; returns the loss averaged over processes."
@@ -418,7 +420,7 @@ def _finetune(data, out: Path, model, cfg: FinetuneConfig, acc) -> FinetuneResul
             pixels, caps = next(batches)
             g = torch.Generator().manual_seed(run_seed('noise', cfg.seed, i, micro, rank))   # on the CPU: the same noise on any device
             with torch.no_grad():
-                latents = vae_latents(pipe.vae, pixels.to(device, weight_dtype), g)
+                latents = vae_latents(pipe.vae, pixels.to(device, weight_dtype), g, encoded)
                 cond = pipe.encode_prompt(caps, device, 1, False)[0]
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(unet_t)
             with sync, (torch.device(device) if device.type != 'cpu' else contextlib.nullcontext()):

@@ -28,7 +28,7 @@ def test_fingerprints_tell_models_apart(tmp_path):
     assert provenance.lora_fingerprint(a) != provenance.lora_fingerprint(b)
     assert provenance.lora_fingerprint(a) == provenance.file_fingerprint(a / 'pytorch_lora_weights.safetensors')
     assert provenance.lora_fingerprint(tmp_path) == 'unknown'
-    assert len(NOW['model']) == 12 and len(NOW['lora']) == 12
+    assert len(NOW['model']) == 12 and len(NOW['lora']) == 12 and len(NOW['judge']) == 12
 
 
 def test_stale_results_are_told_apart():
@@ -38,7 +38,9 @@ def test_stale_results_are_told_apart():
     assert provenance.stale(dict(model=NOW['model'], lora='000000000000'), NOW)
     assert provenance.stale(dict(model='unknown'), NOW)
     assert provenance.stale(dict(model='sd15-random'), NOW) == []   # another model, on purpose
-    assert provenance.stamp(dict(x=1))['model'] == NOW['model']
+    assert provenance.stale(dict(model=NOW['model'], judge='000000000000'), NOW)   # judged by another judge
+    assert provenance.stale(dict(model=NOW['model'], judge=NOW['judge']), NOW) == []
+    assert provenance.stamp(dict(x=1))['model'] == NOW['model'] and provenance.stamp(dict(x=1))['judge'] == NOW['judge']
 
 
 def citers():
