@@ -116,6 +116,8 @@ def main():
     table = dict(model=model_fingerprint(), judged=judged, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
                  date=time.strftime('%Y-%m-%d'), n_new=a.n_new, n_old=a.n_old, eval_n=a.eval_n, eval_steps=a.eval_steps,
                  budget_s=BUDGET_S, before=before, shipped=shipped, runs=rows)
+    from provenance import stamp
+    table = stamp(table)   # and the judge that judged it
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(table, indent=1))
     print(f"wrote {a.json}")

@@ -73,6 +73,8 @@ def main():
              background=after['background'], base_prompts_unchanged=bool(same),
              ears=creature_verdicts(generate(fresh, tokens, **kw).images, words)['outline'])
     r.update(strongest_conditioning(parts, a, kw))
+    from provenance import stamp
+    r = stamp(r)   # and the judge that judged it
     print(json.dumps(r, indent=1))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(r, indent=1) + '\n')

@@ -475,3 +475,15 @@ def test_captioned_rows_of_your_own_need_no_datasets(monkeypatch):
     data = CaptionedImages(Rows([dict(image=Image.new('RGB', (8, 8), 'red'), text='a red square')]))
     monkeypatch.setitem(sys.modules, 'datasets', None)   # importing it now fails
     assert load_captioned(data) is data and data[0][1] == 'a red square' and data.image(0).size == (8, 8)
+
+
+@pytest.mark.parametrize('random_flip', [False, True])
+def test_each_picture_goes_through_the_encoder_once_unless_flips_change_it(folder, tmp_path, monkeypatch, random_flip):
+    from diffusers import AutoencoderKL
+    encoded, encode = [], AutoencoderKL.encode
+    def counting(self, x, *a, **kw):
+        encoded.append(len(x)); return encode(self, x, *a, **kw)
+    monkeypatch.setattr(AutoencoderKL, 'encode', counting)
+    r = ft.finetune(folder, tmp_path / 'run', method='lora', rank=2, steps=6, random_flip=random_flip, **FAST)
+    assert r.step == 6   # 24 pictures seen, of 16: every one once, and 8 of them again
+    assert sum(encoded) == (24 if random_flip else 16), encoded   # (with flips a picture may differ each time: encoded each time)
