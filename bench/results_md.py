@@ -18,6 +18,11 @@ from provenance import OTHER_MODELS, RESULTS, ROOT, results, shipped, stale  # n
 OUT = ROOT / 'bench' / 'RESULTS.md'
 
 
+# results whose figures come from the judge (`sd_intro.shapes.judge`): one without a judge fingerprint predates the record
+JUDGED = {'controlnet.json', 'distill.json', 'distill-plain-lcm.json', 'embedded.json', 'finetune.json', 'flow.json',
+          'flow_init.json', 'inversion.json'}
+
+
 def pct(x, d=1): return f"{100 * x:.{d}f}%"
 
 
@@ -31,6 +36,8 @@ def provenance(name: str, r: dict, now: dict, script: str) -> str:
     model = r.get('model', 'unknown')
     what = OTHER_MODELS[model] if model in OTHER_MODELS else f"embedded model `{model}`"
     if 'lora' in r: what += f", LoRA `{r['lora']}`"
+    if 'judge' in r: what += f", judge `{r['judge']}`"
+    elif name in JUDGED: what += ", judged by the judge before its recalibration (session 12; no judge fingerprint recorded)"
     why = stale(r, now)
     state = (f"**model not recorded**: re-run `python bench/{script}`" if model == 'unknown' else
              f"**not the shipped model** ({'; '.join(why)}): re-run `python bench/{script}`" if why else
