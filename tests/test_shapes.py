@@ -177,3 +177,10 @@ def test_calibrate_judge_runs_and_keeps_every_head(tmp_path):
     assert out is net and not out.training
     assert set(out(torch.zeros(1, 3, 64, 64))) == set(ATTRIBUTES)
     assert any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_refit_creature_row_names_settings_when_none_keeps_the_clean_renders():
+    from sd_intro.shapes import refit_creature_row, load_judge, render, Scene
+    tiny = [(render(Scene('creature', 'red', 'blue', 'flat', 0.5, 0.5, 0.35, 0)), 'a red creature on a blue background')] * 4
+    with pytest.raises(ValueError, match='no setting of `settings` kept'):
+        refit_creature_row(load_judge(), tiny, folds=2, settings=((1, 2),), n_clean=8, n_val=8, min_clean=1.01, log=None)
