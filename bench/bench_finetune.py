@@ -40,7 +40,7 @@ VALIDATION = ('a red creature on a blue background', 'a striped yellow creature 
 def main():
     from sd_intro.core import load_pipeline
     from sd_intro.shapes import JUDGE_PATH
-    from sd_intro.finetune import finetune, model_fingerprint
+    from sd_intro.finetune import finetune
     from sd_intro.captioned import load_captioned
     from sd_intro.creatures import write_shapes_folder, concept_scores
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -113,11 +113,11 @@ def main():
           f"(on a shared machine the better guide: one thread's CPU time bounds the wall time on free cores)")
     print(f"targets: fine-tune <= {BUDGET_S} s; creature >= {NEW_TARGET:.0%}; retained >= {RETAIN_TARGET:.0%} of the base model's old adherence")
     if a.quick: return
-    table = dict(model=model_fingerprint(), judged=judged, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
+    table = dict(judged=judged, machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
                  date=time.strftime('%Y-%m-%d'), n_new=a.n_new, n_old=a.n_old, eval_n=a.eval_n, eval_steps=a.eval_steps,
                  budget_s=BUDGET_S, before=before, shipped=shipped, runs=rows)
     from provenance import stamp
-    table = stamp(table)   # and the judge that judged it
+    table = stamp(table)   # the model measured, and the judge that judged it
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(table, indent=1))
     print(f"wrote {a.json}")

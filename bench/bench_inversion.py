@@ -28,7 +28,6 @@ def main():
     from diffusers import StableDiffusionPipeline
     from sd_intro.core import EMBEDDED_MODEL, generate, quiet_loading
     from sd_intro.shapes import HELD_OUT, JUDGE_PATH, adherence, creature_verdicts
-    from sd_intro.finetune import model_fingerprint
     from sd_intro.creatures import write_shapes_folder, creature_prompts
     from sd_intro.embedded import EVAL_PROMPTS
     from sd_intro.inside import load_parts, add_token, textual_inversion, save_learned_embeds, sample_parts
@@ -66,7 +65,7 @@ def main():
     old = EVAL_PROMPTS[:16]
     same = all((x == y).all() for x, y in zip(*[[__import__('numpy').asarray(im) for im in generate(p, old, **kw).images]
                                                   for p in (base, fresh)]))
-    r = dict(model=model_fingerprint(), machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
+    r = dict(machine=f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}",
              date=time.strftime('%Y-%m-%d'), steps=a.steps, lr=a.lr, batch_size=a.batch_size, n_train=a.n, n=a.eval_n,
              wall=round(wall, 1), cpu=round(cpu, 1), loss_first=sum(inv.losses[:10]) / 10, loss_last=sum(inv.losses[-10:]) / 10,
              word=word['shape'], before=before['shape'], after=after['shape'], colour=after['colour'],
@@ -74,7 +73,7 @@ def main():
              ears=creature_verdicts(generate(fresh, tokens, **kw).images, words)['outline'])
     r.update(strongest_conditioning(parts, a, kw))
     from provenance import stamp
-    r = stamp(r)   # and the judge that judged it
+    r = stamp(r)   # the model measured, and the judge that judged it
     print(json.dumps(r, indent=1))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(r, indent=1) + '\n')

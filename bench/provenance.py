@@ -48,7 +48,7 @@ def shipped() -> dict:
 
 
 def stamp(result: dict, model=None, lora=None) -> dict:
-    "`result` with the fingerprints of the model (a folder, default the embedded one) and LoRA folder it measured first."
+    "`result` with the fingerprints of the model (a folder, default the embedded one), the shipped judge and the LoRA folder it measured, first."
     from sd_intro.finetune import model_fingerprint
     out = dict(model=model_fingerprint(model), judge=judge_fingerprint())
     if lora is not None: out['lora'] = lora_fingerprint(lora)

@@ -198,7 +198,8 @@ def vae_latents(vae, pixels: torch.Tensor, g: torch.Generator | None = None,
     "Scaled latents of `pixels` (B x 3 x H x W in [-1, 1]) sampled with generator `g`, in float32."
     if cache is None: return vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    keys = [hashlib.sha256(p.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest() for p in pixels]   # (any dtype, bf16 too)
+    host = pixels.detach().cpu().contiguous()   # one copy off the device for the whole batch
+    keys = [hashlib.sha256(p.view(torch.uint8).numpy()).hexdigest() for p in host]   # (raw bytes: any dtype, bf16 too)
     new = list(dict.fromkeys(k for k in keys if k not in cache))
     if new: cache.update(zip(new, vae.encode(pixels[[keys.index(k) for k in new]]).latent_dist.parameters))
     moments = torch.stack([cache[k] for k in keys])

@@ -32,6 +32,14 @@ def prompts(n, seed, large):
     return [p.replace('a ', 'a large ', 1).replace('an ', 'a large ', 1) if large and i % 2 else p for i, p in enumerate(ps)]
 
 
+BATCH = 192   # `--more`'s batches: pool(..., BATCH) each
+
+
+def pool_size(n):
+    "How many pictures `pool(..., n)` makes: n // 2 creature and n // 4 base prompts from the base model, n and n // 2 from the LoRA."
+    return n // 2 + n // 4 + n + n // 2
+
+
 def pool(base, lora, seed0, prompt_seed, n):
     "Pictures from both models: creature prompts (with and without 'large') and the base shapes' prompts."
     from sd_intro.core import generate
@@ -76,15 +84,15 @@ def main():
     cache = Path(a.pool) if a.pool else None
     if cache and cache.exists():   # pictures as uint8 arrays, prompts as text: nothing pickled
         z = np.load(cache)
-        if len(z['tune_prompts']) != a.n // 2 + a.n // 4 + a.n + a.n // 2 + 432 * a.more: sys.exit(f"{cache} holds {len(z['tune_prompts'])} tuning pictures, not those of --n {a.n} --more {a.more}")
+        if len(z['tune_prompts']) != pool_size(a.n) + pool_size(BATCH) * a.more: sys.exit(f"{cache} holds {len(z['tune_prompts'])} tuning pictures, not those of --n {a.n} --more {a.more}")
         tune, held = ([(Image.fromarray(i), str(p)) for i, p in zip(z[f'{k}_images'], z[f'{k}_prompts'])] for k in ('tune', 'held'))
     else:
         tune = pool(base, lora, 20000, 11, a.n)
-        for k in range(0, 192 * a.more, 192): tune += pool(base, lora, 200000 + 1000 * k, 11 + k, 192)
+        for k in range(0, BATCH * a.more, BATCH): tune += pool(base, lora, 200000 + 1000 * k, 11 + k, BATCH)
         held = pool(base, lora, 90000, 29, a.eval_n)
         if cache: np.savez(cache, **{f'{k}_{w}': np.stack([np.asarray(i) for i, _ in v]) if w == 'images' else np.array([p for _, p in v])
                                      for k, v in (('tune', tune), ('held', held)) for w in ('images', 'prompts')})
-    old = load_judge(a.base) if a.base else load_judge()
+    old = load_judge(a.base)   # (None: the shipped one)
     before = dict(clean=clean_accuracy(old), generated=creature_verdicts([i for i, _ in held], [p for _, p in held], old))
     net = JudgeNet(); net.load_state_dict(old.state_dict())
     net = refit_creature_row(net, tune) if a.creature_row else calibrate_judge(net, tune, vae=base.vae, steps=a.steps, lr=a.lr)
