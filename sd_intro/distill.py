@@ -16,7 +16,8 @@ from .core import (load_pipeline, generate, image_grid, make_scheduler, Generati
 from .pipelines import x0_from_prediction
 from .embedded import cached_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
-from .training import model_fingerprint, save_lora, save_state, load_state, changed_settings, refuse_resume, train_loop
+from .training import (model_fingerprint, save_lora, save_state, load_state, save_checkpoint, resume_from,
+                               run_lock, train_loop)
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
@@ -356,18 +357,6 @@ def save_lcm_lora(unet,                       # a UNet with a trained LoRA adapt
     # the training loop's LoRA saver, with peft's key names as the LCM-LoRA script saves them (files of the user's stay)
     return save_lora(unet, folder, weight_name=LCM_WEIGHTS, info=info, info_name=LCM_INFO, diffusers_names=False)
 
-def _check_resumable(st, run: dict, ck: Path, work: Path, steps: int):
-    "A clear error for a checkpoint made with other settings, or whose step does not agree with its optimizer and schedule (edited, or not this code's)."
-    if not isinstance(st, dict) or not {'lora', 'opt', 'sched', 'step', 'seconds', 'run'} <= set(st):
-        raise ValueError(f"{ck} is not a distillation checkpoint (it lacks {sorted({'lora', 'opt', 'sched', 'step', 'run'} - set(st or {}))}); "
-                         f"delete it to start afresh")
-    refuse_resume(f"from {ck}", changed_settings(st['run'], run), f"use the same settings, or delete {work} to start afresh")
-    step, seen = st['step'], {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
-    if not (is_whole(step) and 1 <= step <= steps) or seen != {step} or st['sched'].get('last_epoch') != step:
-        raise ValueError(f"{ck} says step {step!r}, but its optimizer has taken {sorted(seen)} steps and its learning-rate "
-                         f"schedule {st['sched'].get('last_epoch')!r}: the file was edited or mixed from two runs. Delete "
-                         f"it to start afresh (the cached latents in {work} are kept)")
-
 def distill(out: str | os.PathLike,        # the LoRA folder to write (weights + distill.json), whole or not at all
             model=None,                     # the base model, as `load_pipeline` takes it (default: the embedded one)
             work: str | os.PathLike | None = None, # checkpoints and cached latents (default: OUT-work beside OUT)
@@ -377,8 +366,6 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
             **config                        # fields of `DistillConfig`
            ) -> Path:
     "Distil `model` into a latent consistency model as a LoRA; resumable from the checkpoints in `work`."
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
     bad = set(config) - {f.name for f in fields(DistillConfig)}
     if bad: raise TypeError(f"distill: unknown setting(s) {sorted(bad)}; the settings are {[f.name for f in fields(DistillConfig)]}")
     cfg = DistillConfig(**config).check()
@@ -390,7 +377,13 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
     if out.exists() and not out.is_dir(): raise FileExistsError(f"out={str(out)!r} is a file; pass a folder for the LoRA")
     work = Path(work).expanduser() if work else out.with_name(out.name + '-work')
     if work.resolve() == out.resolve(): raise ValueError(f"work={str(work)!r} is the out folder; leave work=None (OUT-work)")
-    work.mkdir(parents=True, exist_ok=True)
+    with run_lock(work, what='distillation'):   # one run at a time per work folder (its checkpoints and caches)
+        return _distill(out, model, work, device, log, cfg)
+
+def _distill(out, model, work, device, log, cfg):
+    "`distill`'s run, in a work folder it holds."
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
     pipe = load_pipeline(model, device='cpu', dtype=torch.float32)
     fingerprint = model_fingerprint(model) if model is None or isinstance(model, (str, os.PathLike)) else 'unknown'
     tok, te, vae, sch = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler
@@ -415,13 +408,19 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
             with torch.no_grad(): a_target = teacher_endpoints(pipe, a_caps, a_noise, ga, (cfg.w_min, cfg.w_max)).cpu()
             save_state((a_noise, a_target, a_caps), apath)
     run = dict(asdict(cfg), model=fingerprint)
-    ck, start, seconds = work / 'checkpoint.pt', 0, 0.0
-    if ck.exists():
-        st = load_state(ck, 'the distillation checkpoint', f"delete it to start afresh (the cached latents in {work} "
-                                                           f"are kept)", map_location=device)
-        _check_resumable(st, run, ck, work, cfg.steps)
-        for p, v in zip(params, st['lora']): p.data.copy_(v)
-        opt.load_state_dict(st['opt']); lr_sched.load_state_dict(st['sched']); start, seconds = st['step'], st['seconds']
+    named = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    fix = f"delete {work / 'checkpoints'} to start afresh (the cached latents in {work} are kept)"
+    if (work / 'checkpoint.pt').exists(): raise ValueError(
+        f"{work / 'checkpoint.pt'} is a checkpoint of an older sd_intro, which kept one file; this one keeps checkpoint "
+        f"folders in {work / 'checkpoints'}: delete the file to start afresh (the cached latents in {work} are kept)")
+    start, seconds, losses = 0, 0.0, []
+    found = resume_from(work, run, fix)
+    if found:
+        ck, state, weights, _, opt_state = found
+        if weights.keys() != named.keys(): raise ValueError(f"checkpoint {ck}: its weights are not this LoRA's: {fix}")
+        for n, p in named.items(): p.data.copy_(weights[n])
+        opt.load_state_dict(opt_state['optimizer']); lr_sched.load_state_dict(opt_state['lr_scheduler'])
+        start, seconds, losses = state['step'], state['seconds'], state['losses']
         log(f"resumed at step {start}")
     sf, ac = vae.config.scaling_factor, sch.alphas_cumprod.float()
     pred_type = DDPMScheduler.from_config(sch.config).config.prediction_type
@@ -447,11 +446,13 @@ def distill(out: str | os.PathLike,        # the LoRA folder to write (weights +
         return loss.item()
 
     def said(done, loss):
+        losses.append(loss)
         if (done - 1) % 20 == 0 or done == cfg.steps: log(f"step {done - 1} loss {loss:.4f} {time.time() - t0:.0f}s")
 
     def checkpoint(done):
-        save_state(dict(lora=[p.detach().cpu() for p in params], opt=opt.state_dict(), sched=lr_sched.state_dict(),
-                        step=done, seconds=time.time() - t0, run=run), ck)
+        save_checkpoint(work, done, dict(config=run, losses=losses, seconds=time.time() - t0),
+                        {n: p.detach().cpu().contiguous() for n, p in named.items()}, None,
+                        dict(optimizer=opt.state_dict(), lr_scheduler=lr_sched.state_dict()))
 
     train_loop(step, start, cfg.steps, every=cfg.ckpt_every, checkpoint=checkpoint, log=said,
                advice=f"lower the learning rate (lr={cfg.lr})")

@@ -16,7 +16,7 @@ from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
                              POSITION_WORDS, layout_spread, ANY_TURN, with_article)
 from .core import atomic_dir, atomic_file, save_pipeline, check_device
-from .training import EMA, train_loop, save_state, load_state
+from .training import EMA, train_loop, save_checkpoint, resume_from, run_lock, save_state, load_state
 _all_ = ['EMA']   # the training loop's (diffusers' EMAModel); still importable from here
 
 # %% auto #0
@@ -246,18 +246,6 @@ def assemble(parts, unet=None):
 # %% ../nbs/00g_lib_embedded.ipynb #f15f3084
 UNET_STEPS, N_IMAGES = 12000, 40000  # the shipped run's UNet stage
 
-def _load_unet_checkpoint(ck: Path, steps: int) -> dict:
-    "The UNet stage's checkpoint, loaded without unpickling code (tensors, numbers and lists only); a damaged, foreign or edited one is named, with the fix."
-    fix = f"delete it to train the UNet stage from its start (the stages before it and the latents cache are kept)"
-    st = load_state(ck, '', fix, map_location='cpu')
-    need = {'unet', 'ema', 'opt', 'step', 'torch_rng'}
-    if not isinstance(st, dict) or not need <= set(st): raise ValueError(f"{ck} is not a UNet checkpoint of this code: {fix}")
-    seen = {int(v['step']) for v in st['opt'].get('state', {}).values() if 'step' in v}
-    if not (type(st['step']) is int and 1 <= st['step'] <= steps) or seen - {st['step']}:
-        raise ValueError(f"{ck} says step {st['step']!r}, but its optimizer has taken {sorted(seen)} steps (and the run "
-                         f"has {steps}): the file was edited or mixed from two runs: {fix}")
-    return st
-
 def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES, seed=0, ckpt_every=1000,
                eval_every=2000, log_every=100, caption_noise=0.0, device='cpu', log=print):
     "Train the UNet on cached latents; checkpoints in `work` make it resumable. Returns the EMA UNet (on the CPU)."
@@ -272,16 +260,24 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     opt = torch.optim.AdamW(unet.parameters(), lr, weight_decay=0.01)
     warm = max(1, min(500, steps // 10))
     lr_fn = lambda s: min(1, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    ema, start = EMA(unet, 0.9995), 0
-    ck = work / 'unet_ckpt.pt'
+    ema, start, losses = EMA(unet, 0.9995), 0, []
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
-    if ck.exists():
-        st = _load_unet_checkpoint(ck, steps)
-        unet.load_state_dict(st['unet']); ema.model.load_state_dict(st['ema']); opt.load_state_dict(st['opt'])
-        start = st['step']; torch.set_rng_state(st['torch_rng'])
-        if 'rng' in st:   # the data streams where they were: the rest of the run is the one an unbroken run makes
-            g.set_state(st['g']); rng.setstate((st['rng'][0], tuple(st['rng'][1]), st['rng'][2]))
-        else: rng, g = random.Random(seed + start), torch.Generator().manual_seed(seed + start)   # an older checkpoint
+    run = dict(bs=bs, lr=lr, n_images=n_images, seed=seed, caption_noise=caption_noise)   # (not steps: a run may be lengthened)
+    fix = (f"delete {work / 'checkpoints'} to train the UNet stage from its start (the stages before it and the latents "
+           f"cache are kept)")
+    if (work / 'unet_ckpt.pt').exists(): raise ValueError(
+        f"{work / 'unet_ckpt.pt'} is a checkpoint of an older sd_intro, which kept one file; this one keeps checkpoint "
+        f"folders in {work / 'checkpoints'}: delete the file to train the UNet stage from its start (the stages before "
+        f"it and the latents cache are kept)")
+    found = resume_from(work, run, fix)
+    if found:
+        ck, state, weights, ema_w, extra = found
+        try: unet.load_state_dict(weights); ema.model.load_state_dict(ema_w)
+        except RuntimeError as e: raise ValueError(f"checkpoint {ck}: its weights are not this UNet's ({str(e)[:120]}...): {fix}") from None
+        opt.load_state_dict(extra['optimizer']); torch.set_rng_state(extra['torch_rng'])
+        # the data streams where they were: the rest of the run is the one an unbroken run makes
+        g.set_state(extra['g']); rng.setstate((state['rng'][0], tuple(state['rng'][1]), state['rng'][2]))
+        start, losses = state['step'], state['losses']
         log(f"resumed at step {start}")
     unet.train(); t0 = time.time()
 
@@ -298,13 +294,15 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
         return loss.item()
 
     def said(done, loss):
+        losses.append(loss)
         if log and (done - 1) % log_every == 0:
             log(f"unet step {done - 1} loss {loss:.4f} lr {lr * lr_fn(done - 1):.2e} {time.time() - t0:.0f}s")
 
     def checkpoint(done):
         v, state, gauss = rng.getstate()
-        save_state(dict(unet=unet.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(), step=done,
-                        torch_rng=torch.get_rng_state(), g=g.get_state(), rng=[v, list(state), gauss]), ck)
+        cpu = lambda m: {k: t.detach().cpu().contiguous() for k, t in m.state_dict().items()}
+        save_checkpoint(work, done, dict(config=run, losses=losses, rng=[v, list(state), gauss]), cpu(unet), cpu(ema.model),
+                        dict(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state(), g=g.get_state()))
         if log: log(f"unet checkpoint at step {done}")
 
     def evaluate(done, loss):
@@ -454,35 +452,36 @@ def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge
     device, log = check_device(device), log or (lambda *a: None)
     out = Path(out); work = Path(work or out.with_name(out.name + '_work')); work.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _drop_dead_temporaries(work)
-    # The tokenizer is kept with the run: `tokenizers`' BPE trainer breaks ties between equally frequent pairs in a
-    # run-dependent order, so a rebuilt one may number sub-word pieces differently from the one the text encoder learnt.
-    parts = build_components(_stage(work / 'tokenizer', CLIPTokenizer.from_pretrained, build_tokenizer), seed=seed)
-    def text_encoder():
-        log(f"text encoder accuracy: {train_text_encoder(parts['tokenizer'], parts['text_encoder'], text_steps, seed=seed, log=log)}")
-        return parts['text_encoder']
-    def vae():
-        log(f"vae scaling factor: {train_vae(parts['vae'], vae_steps, seed=seed, log=log)}")
-        return parts['vae']
-    parts['text_encoder'] = _stage(work / 'text_encoder', CLIPTextModel.from_pretrained, text_encoder).eval().requires_grad_(False)
-    parts['vae'] = _stage(work / 'vae', AutoencoderKL.from_pretrained, vae).eval().requires_grad_(False)
-    jpath = work / 'judge.safetensors'
-    if not jpath.exists():
-        net = train_judge(judge_steps, seed=seed, vae=parts['vae'], log=log)
-        with atomic_file(jpath) as tmp: save_file(net.state_dict(), str(tmp))
-    if judge_out:   # whole or not at all: a kill while copying leaves the old judge in place
-        Path(judge_out).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(judge_out) as tmp: shutil.copy(jpath, tmp)
-    from sd_intro import shapes
-    shapes.forget_judges(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
-    shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge
-    try: parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
-                                    caption_noise=caption_noise, device=device, log=log, ckpt_every=ckpt_every,
-                                    eval_every=eval_every)
-    finally: shapes.JUDGE_PATH = was                # only while training: the process keeps the judge it had
-    pipe = assemble(parts)
-    save_pipeline(pipe, out)   # atomically, in the layout every allowed transformers reads
-    return pipe
+    with run_lock(work, what='embedded-model training'):   # one run at a time per work folder
+        _drop_dead_temporaries(work)
+        # The tokenizer is kept with the run: `tokenizers`' BPE trainer breaks ties between equally frequent pairs in a
+        # run-dependent order, so a rebuilt one may number sub-word pieces differently from the one the text encoder learnt.
+        parts = build_components(_stage(work / 'tokenizer', CLIPTokenizer.from_pretrained, build_tokenizer), seed=seed)
+        def text_encoder():
+            log(f"text encoder accuracy: {train_text_encoder(parts['tokenizer'], parts['text_encoder'], text_steps, seed=seed, log=log)}")
+            return parts['text_encoder']
+        def vae():
+            log(f"vae scaling factor: {train_vae(parts['vae'], vae_steps, seed=seed, log=log)}")
+            return parts['vae']
+        parts['text_encoder'] = _stage(work / 'text_encoder', CLIPTextModel.from_pretrained, text_encoder).eval().requires_grad_(False)
+        parts['vae'] = _stage(work / 'vae', AutoencoderKL.from_pretrained, vae).eval().requires_grad_(False)
+        jpath = work / 'judge.safetensors'
+        if not jpath.exists():
+            net = train_judge(judge_steps, seed=seed, vae=parts['vae'], log=log)
+            with atomic_file(jpath) as tmp: save_file(net.state_dict(), str(tmp))
+        if judge_out:   # whole or not at all: a kill while copying leaves the old judge in place
+            Path(judge_out).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(judge_out) as tmp: shutil.copy(jpath, tmp)
+        from sd_intro import shapes
+        shapes.forget_judges(); was = shapes.JUDGE_PATH   # (a judge rewritten in place must be read again)
+        shapes.JUDGE_PATH = Path(judge_out or jpath)   # training's progress reports judge with this model's own judge
+        try: parts['unet'] = train_unet(parts, work, steps=unet_steps, bs=bs, n_images=n_images, seed=seed,
+                                        caption_noise=caption_noise, device=device, log=log, ckpt_every=ckpt_every,
+                                        eval_every=eval_every)
+        finally: shapes.JUDGE_PATH = was                # only while training: the process keeps the judge it had
+        pipe = assemble(parts)
+        save_pipeline(pipe, out)   # atomically, in the layout every allowed transformers reads
+        return pipe
 
 # %% ../nbs/00g_lib_embedded.ipynb #f2548d35
 #| eval: false

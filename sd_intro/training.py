@@ -17,7 +17,7 @@ from .core import atomic_dir, atomic_file, resolve_model
 __all__ = ['IMAGE_EXTENSIONS', 'LOCK_NAME', 'train_loop', 'run_seed', 'rgb_image', 'check_imagefolder', 'model_fingerprint',
            'checkpoint_dir', 'checkpoints', 'latest_checkpoint', 'state_digest', 'save_checkpoint', 'check_state',
            'load_checkpoint', 'resumable', 'clear_temporaries', 'save_state', 'load_state', 'changed_settings',
-           'refuse_resume', 'run_lock', 'EMA', 'save_lora']
+           'refuse_resume', 'resume_from', 'run_lock', 'EMA', 'save_lora']
 
 # %% ../nbs/00f_lib_training.ipynb #4fe62654
 def train_loop(step: Callable[[int], float],  # one optimiser step: gets the step number (from 0), returns its loss
@@ -210,12 +210,13 @@ def save_checkpoint(out: str | os.PathLike, # the run folder
 def check_state(folder: Path,        # the checkpoint folder
                 state: dict,         # its state.json
                 opt: dict,           # its optimizer.pt
-                digest: bool = True  # check the state's digest
+                digest: bool = True, # check the state's digest
+                fix: str = 'pass overwrite=True to start afresh' # what to do instead of resuming
                ):
     "A clear error for a checkpoint whose state.json was edited, or whose parts disagree on the step."
     if digest and 'digest' in state and state['digest'] != state_digest(state): raise ValueError(
         f"checkpoint {folder}: state.json was changed after the run wrote it (its digest does not match: an edited step, "
-        f"loss or setting); it cannot be resumed from. Restore it, or pass overwrite=True to start afresh")
+        f"loss or setting); it cannot be resumed from. Restore it, or {fix}")
     step, losses = state.get('step'), state.get('losses')
     seen = {int(v['step']) for v in (opt.get('optimizer') or {}).get('state', {}).values() if 'step' in v}
     sched = (opt.get('lr_scheduler') or {}).get('last_epoch')
@@ -226,11 +227,11 @@ def check_state(folder: Path,        # the checkpoint folder
     if seen and seen != {step}: problems.append(f"its optimizer has taken {sorted(seen)} steps")
     if sched is not None and sched != step: problems.append(f"its learning-rate schedule is at step {sched}")
     if problems: raise ValueError(f"checkpoint {folder}: state.json says step {step!r}, but {'; '.join(problems)}: it was "
-                                  f"edited or mixed from two runs; it cannot be resumed from. Restore it, or pass "
-                                  f"overwrite=True to start afresh")
+                                  f"edited or mixed from two runs; it cannot be resumed from. Restore it, or {fix}")
 
 def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
-                    digest: bool = True        # check the state's digest (False: the caller checks its own)
+                    digest: bool = True,       # check the state's digest (False: the caller checks its own)
+                    fix: str = 'pass overwrite=True to start afresh' # what to do instead of resuming (in the errors)
                    ) -> tuple[dict, dict, dict | None, dict]:
     "The state, trained weights, EMA weights (or None) and optimizer state of a checkpoint folder; a damaged file is named."
     folder, what = Path(folder), 'state.json'
@@ -249,7 +250,7 @@ def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
             f"load those (they could run any code) and never wrote them; it cannot be resumed from") from None
         raise ValueError(f"checkpoint {folder}: {what} is damaged or cut short ({type(e).__name__}); it cannot be "
                          f"resumed from") from e
-    check_state(folder, state, opt, digest)
+    check_state(folder, state, opt, digest, fix)
     return state, weights, ema, opt
 
 # %% ../nbs/00f_lib_training.ipynb #467cc7fc
@@ -314,6 +315,22 @@ def refuse_resume(where: str,  # what cannot be resumed ('from checkpoints/step-
     "Raise the error of a resume with changed settings, naming each change and the fix (nothing when `diff` is empty)."
     if diff: raise ValueError(f"cannot resume{' ' + where if where else ''}: it was made with other settings "
                               f"{{name: (then, now)}}: {diff}; {fix}")
+
+# %% ../nbs/00f_lib_training.ipynb #93658183
+def resume_from(out: str | os.PathLike, # the run folder
+                run: dict,              # this run's settings (a checkpoint of other settings is refused)
+                fix: str,               # what to do instead of resuming ('delete WORK/checkpoints to start afresh')
+                keys=None,              # the settings that must not change (default: all of `run`'s)
+                defaults: dict | None = None # the value of a setting a checkpoint predates
+               ) -> tuple[Path, dict, dict, dict | None, dict] | None:
+    "(folder, state, weights, EMA weights, optimizer state) of the newest checkpoint of `out` that loads; None if there is none; other settings are refused."
+    def load(ck):
+        state, weights, ema, opt = load_checkpoint(ck, fix=fix)
+        refuse_resume(f"from {ck}", changed_settings(state.get('config', {}), run, keys, defaults), fix)
+        return state, weights, ema, opt
+    clear_temporaries(out)
+    found = resumable(out, load, fix)
+    return None if found is None else (found[0], *found[1])
 
 # %% ../nbs/00f_lib_training.ipynb #1f897dcc
 LOCK_NAME = '.sd_intro.lock'

@@ -98,7 +98,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
     def stop_at_2(msg):
         if msg.startswith('step 2'): raise Stop
     with pytest.raises(Stop): distill(tmp_path / 'cut', log=stop_at_2, **TINY)
-    assert not (tmp_path / 'cut').exists() and (tmp_path / 'cut-work' / 'checkpoint.pt').exists()
+    assert not (tmp_path / 'cut').exists() and (tmp_path / 'cut-work' / 'checkpoints' / 'step-000002').is_dir()
     said = []
     cut = distill(tmp_path / 'cut', log=said.append, **TINY)
     assert said[0] == 'resumed at step 2'

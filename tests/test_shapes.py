@@ -4,6 +4,7 @@ import numpy as np
 from PIL import Image
 import pytest
 import torch
+from sd_intro.training import checkpoints
 
 from sd_intro.shapes import (COLOURS, BASE_SHAPES, HELD_OUT, SHAPES, STYLES, Scene, random_scene, render, caption,
                              parse_caption, make_dataset, judge, adherence, to_pil, JUDGE_PATH)
@@ -81,7 +82,8 @@ def test_a_few_training_steps_lower_the_loss(tmp_path):
                caption_noise=CAPTION_NOISE, log=log)   # (the last 10 losses average about half the first 5)
     assert len(losses) == 24
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), losses
-    assert (tmp_path / 'unet_ckpt.pt').exists() and not list(tmp_path.glob('*.tmp'))
+    assert [c.name for c in checkpoints(tmp_path)] == ['step-000024', 'step-000012']
+    assert not list((tmp_path / 'checkpoints').glob('.tmp-*'))
 
 
 def test_save_then_load_gives_identical_images(pipe, tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import sd_intro.finetune as ft
 from sd_intro.distill import LCM_WEIGHTS, LCM_INFO, distill
 from sd_intro.embedded import make_embedded
+from sd_intro.training import checkpoints
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # the killed runs train in a fork on one thread; the runs they are compared with must too (float sums depend on it)
 
@@ -174,12 +175,12 @@ KILL_DISTILL = {
     'while saving the LoRA': "log = None\nD.save_lcm_lora = lambda *a, **k: kill()",
     'while writing a checkpoint': """
         log = None
-        orig = D.save_state
-        def save(obj, path):
-            if path.name == 'checkpoint.pt' and obj['step'] == 2:
-                torch.save(obj, path.with_name(path.name + '.tmp')); kill()
-            orig(obj, path)
-        D.save_state = save""",
+        import sd_intro.training as training   # (checkpoints are the training loop's)
+        orig = training.save_file
+        def save_file(tensors, path, *a, **k):
+            orig(tensors, path, *a, **k)
+            if 'step-000002' in str(path): kill()
+        training.save_file = save_file""",
 }
 
 
@@ -194,28 +195,57 @@ def test_distill_killed_resumes_bit_identically(lcm_whole, tmp_path, where):
     assert said[0].startswith('resumed at step')
 
 
-def test_distill_loads_no_pickled_code(tmp_path):
-    out, marker = tmp_path / 'lcm', tmp_path / 'ran'
-    work = tmp_path / 'lcm-work'; work.mkdir()
-    torch.save({'lora': Evil(marker)}, work / 'checkpoint.pt')
-    with pytest.raises(ValueError, match=r'checkpoint.pt \(the distillation checkpoint\) holds pickled objects .*delete it'):
-        distill(out, log=None, **TINY)
-    assert not marker.exists() and not out.exists()
-
-
-def test_a_damaged_or_edited_distill_checkpoint_is_named_with_the_fix(tmp_path):
+def _stopped_distill(tmp_path):
+    "A distillation stopped during its third step: its work folder holds the checkpoints of steps 1 and 2."
     class Stop(Exception): pass
     def stop(m):
         if m.startswith('step 2'): raise Stop
     with pytest.raises(Stop): distill(tmp_path / 'lcm', log=stop, **TINY)
-    ck = tmp_path / 'lcm-work' / 'checkpoint.pt'
-    st = torch.load(ck, weights_only=True)
-    torch.save(dict(st, step=1), ck)                                       # an edited step
-    with pytest.raises(ValueError, match=r'says step 1, but its optimizer has taken \[2\] steps.*Delete it'):
+    work = tmp_path / 'lcm-work'
+    assert [c.name for c in checkpoints(work)] == ['step-000002', 'step-000001']
+    return work
+
+
+def test_distill_loads_no_pickled_code(tmp_path):
+    work, marker = _stopped_distill(tmp_path), tmp_path / 'ran'
+    for ck in checkpoints(work): torch.save({'optimizer': Evil(marker)}, ck / 'optimizer.pt')
+    with pytest.raises(ValueError, match=r'optimizer.pt holds pickled objects .*not load those.*No checkpoint in .* can be '
+                                         r'resumed: delete .*checkpoints to start afresh \(the cached latents'):
         distill(tmp_path / 'lcm', log=None, **TINY)
-    ck.write_bytes(ck.read_bytes()[:1000])                                 # cut short
-    with pytest.raises(ValueError, match=r'checkpoint.pt \(the distillation checkpoint\) is damaged or cut short.*delete it'):
+    assert not marker.exists() and not (tmp_path / 'lcm').exists()
+
+
+def test_a_damaged_or_edited_distill_checkpoint_is_named_with_the_fix(lcm_whole, tmp_path):
+    work = _stopped_distill(tmp_path)
+    f = work / 'checkpoints' / 'step-000002' / 'state.json'
+    s = json.loads(f.read_text()); s['losses'][0] = 0.001; f.write_text(json.dumps(s))     # an edited loss
+    with pytest.warns(UserWarning, match=r'step-000002: state.json was changed after the run wrote it.*previous complete one, step-000001'):
+        assert same_tensors(load_file(distill(tmp_path / 'lcm', log=None, **TINY) / LCM_WEIGHTS), lcm_whole)
+    work = _stopped_distill(tmp_path / 'again')
+    for ck in checkpoints(work):                                                           # both cut short
+        w = ck / 'trainable.safetensors'; w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r'trainable.safetensors is damaged or cut short.*No checkpoint in .* can be '
+                                         r'resumed: delete .*checkpoints to start afresh'):
+        distill(tmp_path / 'again' / 'lcm', log=None, **TINY)
+
+
+def test_a_distill_checkpoint_of_an_older_version_is_named(tmp_path):
+    work = tmp_path / 'lcm-work'; work.mkdir()
+    (work / 'checkpoint.pt').write_bytes(b'an old one-file checkpoint')
+    with pytest.raises(ValueError, match=r'checkpoint.pt is a checkpoint of an older sd_intro.*delete the file to start afresh'):
         distill(tmp_path / 'lcm', log=None, **TINY)
+    assert not (tmp_path / 'lcm').exists()
+
+
+def test_a_work_folder_in_use_names_the_distillation(tmp_path):
+    said = []
+    def log(line):   # called while the run holds its work folder: a second run there is refused
+        if said: return
+        try: distill(tmp_path / 'other', work=tmp_path / 'lcm-work', log=None, **TINY); said.append('ran')
+        except RuntimeError as e: said.append(str(e))
+    distill(tmp_path / 'lcm', log=log, **dict(TINY, steps=1))
+    assert said and 'in use by another distillation run' in said[0], said
+    assert not (tmp_path / 'other').exists()
 
 
 def test_distill_overwrite_keeps_the_users_files(tmp_path):
@@ -270,19 +300,33 @@ def test_make_embedded_killed_in_two_stages_resumes_bit_identically(embedded_who
 def test_the_unet_stage_loads_no_pickled_code_and_names_a_damaged_checkpoint(embedded_whole, tmp_path):
     for a, b in zip(embedded_whole, ('m', 'w')): shutil.copytree(a, tmp_path / b)   # a finished run of EMB's 4 UNet steps,
     more = dict(EMB, unet_steps=5)                                                   # to be continued from its checkpoint
-    ck, marker = tmp_path / 'w' / 'unet_ckpt.pt', tmp_path / 'ran'
-    good = ck.read_bytes()
-    torch.save({'unet': Evil(marker)}, ck)
-    with pytest.raises(ValueError, match=r'unet_ckpt.pt holds pickled objects.*delete it'):
+    cks, marker = checkpoints(tmp_path / 'w'), tmp_path / 'ran'
+    assert [c.name for c in cks] == ['step-000004', 'step-000003']
+    good = {c: (c / 'optimizer.pt').read_bytes() for c in cks}
+    for c in cks: torch.save({'optimizer': Evil(marker)}, c / 'optimizer.pt')
+    with pytest.raises(ValueError, match=r'optimizer.pt holds pickled objects.*No checkpoint in .* can be resumed: delete '
+                                         r'.*checkpoints to train the UNet stage from its start'):
         make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
     assert not marker.exists()
-    ck.write_bytes(good[:2000])
-    with pytest.raises(ValueError, match=r'unet_ckpt.pt is damaged or cut short.*delete it to train the UNet stage'):
+    for c in cks: (c / 'optimizer.pt').write_bytes(good[c][:2000])
+    with pytest.raises(ValueError, match=r'optimizer.pt is damaged or cut short.*delete .*checkpoints to train the UNet stage'):
         make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
     (tmp_path / 'w' / 'vae' / 'config.json').write_text('{')   # a stage folder changed by hand
-    ck.write_bytes(good)
+    for c in cks: (c / 'optimizer.pt').write_bytes(good[c])
     with pytest.raises(ValueError, match=r'the saved vae stage, cannot be loaded.*Delete the folder'):
         make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
+    (tmp_path / 'w' / 'unet_ckpt.pt').write_bytes(b'an old one-file checkpoint')
+    shutil.copytree(embedded_whole[1] / 'vae', tmp_path / 'w' / 'vae', dirs_exist_ok=True)
+    with pytest.raises(ValueError, match=r'unet_ckpt.pt is a checkpoint of an older sd_intro.*delete the file to train the UNet stage'):
+        make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **more)
+
+
+def test_a_work_folder_in_use_names_the_embedded_run(embedded_whole, tmp_path):
+    from sd_intro.training import run_lock
+    with run_lock(tmp_path / 'w', what='ControlNet training'):
+        with pytest.raises(RuntimeError, match=r'in use by another ControlNet training run'):
+            make_embedded(tmp_path / 'm', tmp_path / 'w', log=None, **EMB)
+    assert not (tmp_path / 'm').exists()
 
 
 def test_saving_a_pipeline_keeps_its_model_card(tmp_path):

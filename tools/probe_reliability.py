@@ -161,8 +161,14 @@ def finetune_lora_folder_keeps_user_files():
 @probe('trainers: pickles')
 def distill_checkpoint_is_not_unpickled():
     from sd_intro.distill import distill
-    work, marker = T / 'evil-work', T / 'ran1'; work.mkdir()
-    torch.save({'lora': Evil(marker)}, work / 'checkpoint.pt')
+    from sd_intro.training import checkpoints
+    work, marker = T / 'evil-work', T / 'ran1'
+    class Stop(Exception): pass
+    def stop(m):
+        if m.startswith('step 2'): raise Stop
+    try: distill(T / 'evil', work=work, log=stop, **TINY)
+    except Stop: pass
+    for ck in checkpoints(work): torch.save({'optimizer': Evil(marker)}, ck / 'optimizer.pt')
     try: distill(T / 'evil', work=work, log=None, **TINY)
     except Exception: pass
     return not marker.exists(), 'no code ran' if not marker.exists() else 'the crafted pickle ran'
@@ -199,8 +205,9 @@ def distill_truncated_checkpoint_is_named():
         if m.startswith('step 2'): raise Stop
     try: distill(T / 'trunc', log=stop, **TINY)
     except Stop: pass
-    ck = T / 'trunc-work' / 'checkpoint.pt'; ck.write_bytes(ck.read_bytes()[:1000])
-    return refused(lambda: distill(T / 'trunc', log=None, **TINY), 'checkpoint.pt', 'delete')
+    from sd_intro.training import checkpoints
+    for ck in checkpoints(T / 'trunc-work'): (ck / 'trainable.safetensors').write_bytes((ck / 'trainable.safetensors').read_bytes()[:1000])
+    return refused(lambda: distill(T / 'trunc', log=None, **TINY), 'trainable.safetensors', 'delete')
 
 
 @probe('trainers: damaged or edited state')
@@ -211,9 +218,10 @@ def distill_edited_step_is_named():
         if m.startswith('step 2'): raise Stop
     try: distill(T / 'edit', log=stop, **TINY)
     except Stop: pass
-    ck = T / 'edit-work' / 'checkpoint.pt'
-    st = torch.load(ck, weights_only=True); torch.save(dict(st, step=1), ck)
-    return refused(lambda: distill(T / 'edit', log=None, **TINY), 'checkpoint.pt', 'step')
+    from sd_intro.training import checkpoints
+    for ck in checkpoints(T / 'edit-work'):
+        f = ck / 'state.json'; st = json.loads(f.read_text()); st['step'] += 1; f.write_text(json.dumps(st))
+    return refused(lambda: distill(T / 'edit', log=None, **TINY), 'state.json', 'delete')
 
 
 @probe('trainers: damaged or edited state')
@@ -249,10 +257,10 @@ def embedded_truncated_unet_checkpoint_is_named():
     work = T / 'emb-trunc'; work.mkdir()
     parts = build_components(_cache.setdefault('tok', build_tokenizer()), seed=0)
     train_unet(parts, work, steps=1, bs=4, n_images=16, ckpt_every=1, eval_every=0, log=None)
-    ck = work / 'unet_ckpt.pt'; ck.write_bytes(ck.read_bytes()[:2000])
+    ck = work / 'checkpoints' / 'step-000001' / 'trainable.safetensors'; ck.write_bytes(ck.read_bytes()[:2000])
     parts = build_components(_cache['tok'], seed=0)
     return refused(lambda: train_unet(parts, work, steps=2, bs=4, n_images=16, ckpt_every=1, eval_every=0, log=None),
-                   'unet_ckpt.pt', 'delete')
+                   'trainable.safetensors', 'delete')
 
 
 # ---- models used as what they are ----------------------------------------------------------------------------
