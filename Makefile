@@ -10,7 +10,9 @@ CONSTRAINTS ?=    # e.g. tests/oldest.txt: install the oldest supported releases
 JUPYTER_ARGS ?=   # extra JupyterLab options, e.g. JUPYTER_ARGS="--no-browser --port=8890 --ip=0.0.0.0"
 # The installer for the course and its dependencies: uv where it is on the PATH; otherwise pip installs uv into the
 # venv first; UV=pip uses pip alone. torch itself always comes through pip (it honours pip's configuration: a local
-# wheel mirror, an --index-url in TORCH), and every uv step falls back to pip if it fails.
+# wheel mirror, an --index-url in TORCH), and every uv step falls back to pip if it fails. pip installs with --no-compile,
+# as uv does: compiling every module of torch ahead (most are never imported) took a third of the install; Python
+# compiles what is imported on first use.
 UV ?= $(shell command -v uv 2>/dev/null)
 # pytest-xdist processes for `make test` (each on one torch thread): the lessons and the slow suites run side by side
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
@@ -28,11 +30,11 @@ $(BIN)/python:
 # Installs once; again only when setup.py, settings.ini or the constraints file change (or after `make reinstall`).
 $(STAMP): setup.py settings.ini $(strip $(CONSTRAINTS)) | $(BIN)/python
 	@start=$$(date +%s); \
-	$(BIN)/pip install -q $(call quote,$(TORCH)) || exit 1; \
+	$(BIN)/pip install -q --no-compile $(call quote,$(TORCH)) || exit 1; \
 	uv='$(strip $(UV))'; \
 	if [ -z "$$uv" ]; then $(BIN)/pip install -q uv >/dev/null 2>&1 && uv=$(BIN)/uv || uv=pip; fi; \
 	if [ "$$uv" != pip ] && "$$uv" pip install -q --python $(BIN)/python -e '.[dev]' $(CONSTRAINT_ARGS); then how=uv; \
-	else how=pip; $(BIN)/pip install -q -e '.[dev]' $(CONSTRAINT_ARGS) || exit 1; fi; \
+	else how=pip; $(BIN)/pip install -q --no-compile -e '.[dev]' $(CONSTRAINT_ARGS) || exit 1; fi; \
 	echo "installed into $(VENV) with $$how in $$(( $$(date +%s) - start )) s"
 	@touch $@
 
