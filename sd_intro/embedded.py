@@ -278,7 +278,7 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
         # the data streams where they were: the rest of the run is the one an unbroken run makes
         g.set_state(extra['g']); rng.setstate((state['rng'][0], tuple(state['rng'][1]), state['rng'][2]))
         start, losses = state['step'], state['losses']
-        log(f"resumed at step {start}")
+        if log: log(f"resumed at step {start}")
     unet.train(); t0 = time.time()
 
     def step(i):

@@ -33,3 +33,21 @@ def test_diffusion_loss_runs_with_the_unet_on_another_device_than_the_schedule(p
     sched.alphas_cumprod = cpu_indexed(sched.alphas_cumprod)
     with torch.device('meta'):   # fine-tuning runs the loss inside `torch.device(device)` on a GPU: the draws stay on the CPU
         assert E.diffusion_loss(u, sched, lat, cond, torch.Generator().manual_seed(0)).device.type == 'meta'
+
+
+def test_the_unet_stage_resumes_quietly_and_refuses_other_settings(tmp_path):
+    "Resumed with log=None it says nothing (and does not fail); resumed with another batch size it names the change."
+    import pytest, torch
+    from sd_intro.training import checkpoints
+    torch.manual_seed(0)
+    tok = E.build_tokenizer()
+    def parts():
+        p = E.build_components(tok, seed=0)
+        for k in ('text_encoder', 'vae'): p[k].eval().requires_grad_(False)
+        return p
+    kw = dict(bs=2, n_images=8, eval_every=0, ckpt_every=1, log=None)
+    E.train_unet(parts(), tmp_path, steps=1, **kw)
+    E.train_unet(parts(), tmp_path, steps=2, **kw)
+    assert [c.name for c in checkpoints(tmp_path)] == ['step-000002', 'step-000001']
+    with pytest.raises(ValueError, match=r"other settings .*'bs': \(2, 4\).*delete .*checkpoints to train the UNet stage"):
+        E.train_unet(parts(), tmp_path, steps=3, **dict(kw, bs=4))
