@@ -243,7 +243,7 @@ def load_checkpoint(folder: str | os.PathLike, # a checkpoint folder
         what = 'trainable.safetensors'
         weights = load_file(str(folder / 'trainable.safetensors'))
         what = 'optimizer.pt'
-        opt = torch.load(folder / 'optimizer.pt', weights_only=True)
+        opt = torch.load(folder / 'optimizer.pt', weights_only=True, map_location='cpu')   # (a GPU run's, resumed anywhere)
     except Exception as e:   # safetensors, JSON and torch each have their own errors for a cut-off file
         if 'weights_only' in str(e) or 'Weights only' in str(e): raise ValueError(
             f"checkpoint {folder}: optimizer.pt holds pickled objects other than tensors and numbers; sd_intro does not "
