@@ -17,7 +17,7 @@ from .pipelines import x0_from_prediction
 from .embedded import cached_latents, encode_text, judged_quality, negative_prompt_effect
 from .shapes import BASE_SHAPES, caption, make_dataset
 from .training import (model_fingerprint, save_lora, save_state, load_state, save_checkpoint, resume_from,
-                               run_lock, train_loop)
+                               run_lock, refuse_older_checkpoint, train_loop)
 
 # %% auto #0
 __all__ = ['LCM_LORA', 'LCM_WEIGHTS', 'LCM_INFO', 'LCM_MAX_STEPS', 'LCM_LORA_TARGETS', 'boundary_scalings', 'skipping_timesteps',
@@ -409,10 +409,9 @@ def _distill(out, model, work, device, log, cfg):
             save_state((a_noise, a_target, a_caps), apath)
     run = dict(asdict(cfg), model=fingerprint)
     named = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    fix = f"delete {work / 'checkpoints'} to start afresh (the cached latents in {work} are kept)"
-    if (work / 'checkpoint.pt').exists(): raise ValueError(
-        f"{work / 'checkpoint.pt'} is a checkpoint of an older sd_intro, which kept one file; this one keeps checkpoint "
-        f"folders in {work / 'checkpoints'}: delete the file to start afresh (the cached latents in {work} are kept)")
+    then = f"to start afresh (the cached latents in {work} are kept)"
+    fix = f"delete {work / 'checkpoints'} {then}"
+    refuse_older_checkpoint(work / 'checkpoint.pt', then)
     start, seconds, losses = 0, 0.0, []
     found = resume_from(work, run, fix)
     if found:

@@ -16,7 +16,7 @@ from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
                              POSITION_WORDS, layout_spread, ANY_TURN, with_article)
 from .core import atomic_dir, atomic_file, save_pipeline, check_device
-from .training import EMA, train_loop, save_checkpoint, resume_from, run_lock, save_state, load_state
+from .training import EMA, train_loop, save_checkpoint, resume_from, run_lock, refuse_older_checkpoint, save_state, load_state
 _all_ = ['EMA']   # the training loop's (diffusers' EMAModel); still importable from here
 
 # %% auto #0
@@ -263,12 +263,9 @@ def train_unet(parts, work, steps=UNET_STEPS, bs=64, lr=1e-3, n_images=N_IMAGES,
     ema, start, losses = EMA(unet, 0.9995), 0, []
     rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
     run = dict(bs=bs, lr=lr, n_images=n_images, seed=seed, caption_noise=caption_noise)   # (not steps: a run may be lengthened)
-    fix = (f"delete {work / 'checkpoints'} to train the UNet stage from its start (the stages before it and the latents "
-           f"cache are kept)")
-    if (work / 'unet_ckpt.pt').exists(): raise ValueError(
-        f"{work / 'unet_ckpt.pt'} is a checkpoint of an older sd_intro, which kept one file; this one keeps checkpoint "
-        f"folders in {work / 'checkpoints'}: delete the file to train the UNet stage from its start (the stages before "
-        f"it and the latents cache are kept)")
+    then = "to train the UNet stage from its start (the stages before it and the latents cache are kept)"
+    fix = f"delete {work / 'checkpoints'} {then}"
+    refuse_older_checkpoint(work / 'unet_ckpt.pt', then)
     found = resume_from(work, run, fix)
     if found:
         ck, state, weights, ema_w, extra = found
@@ -435,13 +432,10 @@ def _stage(folder: Path, load, train):
     return load(folder)   # as a resumed run gets it (loading may choose other kernels than building did): the same bits after
 
 def _drop_dead_temporaries(work: Path):
-    "Remove the temporary stage folders (.tmp-STAGE-PID) that runs killed while saving left in `work`; a live run's are kept."
+    "Remove the temporary stage folders (.tmp-STAGE-PID) that runs killed while saving left in `work` (called holding its run lock: no live run has any)."
     for t in work.glob('.tmp-*-*'):
         name, _, pid = t.name[5:].rpartition('-')
-        if name not in ('tokenizer', 'text_encoder', 'vae') or not pid.isdigit() or not t.is_dir(): continue
-        try: os.kill(int(pid), 0); continue   # alive (or not ours to judge): keep
-        except ProcessLookupError: shutil.rmtree(t, ignore_errors=True)
-        except OSError: continue
+        if name in ('tokenizer', 'text_encoder', 'vae') and pid.isdigit() and t.is_dir(): shutil.rmtree(t, ignore_errors=True)
 
 def make_embedded(out, work=None, seed=0, text_steps=2000, vae_steps=3000, judge_steps=2000, unet_steps=UNET_STEPS,
                   n_images=N_IMAGES, bs=64, caption_noise=CAPTION_NOISE, device='cpu', judge_out=None, log=print,

@@ -17,7 +17,7 @@ from .core import atomic_dir, atomic_file, resolve_model
 __all__ = ['IMAGE_EXTENSIONS', 'LOCK_NAME', 'train_loop', 'run_seed', 'rgb_image', 'check_imagefolder', 'model_fingerprint',
            'checkpoint_dir', 'checkpoints', 'latest_checkpoint', 'state_digest', 'save_checkpoint', 'check_state',
            'load_checkpoint', 'resumable', 'clear_temporaries', 'save_state', 'load_state', 'changed_settings',
-           'refuse_resume', 'resume_from', 'run_lock', 'EMA', 'save_lora']
+           'refuse_resume', 'resume_from', 'refuse_older_checkpoint', 'run_lock', 'EMA', 'save_lora']
 
 # %% ../nbs/00f_lib_training.ipynb #4fe62654
 def train_loop(step: Callable[[int], float],  # one optimiser step: gets the step number (from 0), returns its loss
@@ -331,6 +331,15 @@ def resume_from(out: str | os.PathLike, # the run folder
     clear_temporaries(out)
     found = resumable(out, load, fix)
     return None if found is None else (found[0], *found[1])
+
+def refuse_older_checkpoint(path: str | os.PathLike, # where an older sd_intro kept this run's one-file checkpoint
+                            then: str                # what deleting it does ('to start afresh')
+                           ):
+    "A clear error when `path`, the one-file checkpoint of an older sd_intro, is there: this one keeps checkpoint folders beside it."
+    path = Path(path)
+    if path.exists(): raise ValueError(
+        f"{path} is a checkpoint of an older sd_intro, which kept one file; this one keeps checkpoint folders in "
+        f"{path.parent / 'checkpoints'}: delete the file {then}")
 
 # %% ../nbs/00f_lib_training.ipynb #1f897dcc
 LOCK_NAME = '.sd_intro.lock'
