@@ -153,21 +153,21 @@ def pytest_configure(config):
 
 
 # ---- the order `make test` runs the tests in -------------------------------------------------------------------------
-# About how many seconds of one core each slow test file takes (`pytest tests -n 2 --durations=0` on a 2-core machine),
+# About how many seconds of one core each slow test file takes (`pytest tests -n 2 --junitxml=...` on a 2-core machine),
 # and for the files whose tests share nothing (each lesson, each notebook) each of its tests, by its parameter (None: any
 # other). Under pytest-xdist a worker takes a contiguous run of the collected tests, so these are dealt out to the
 # workers, longest first, each worker's run ending with the short tests (in file order, so that module fixtures stay
 # shared): no long test is left running alone at the end. A file not listed counts as short; a wrong figure only
 # changes the order, never what runs.
-FILE_SECONDS = {'test_trainers_resume.py': 40, 'test_docs_build.py': 25, 'test_docs_html.py': 22, 'test_playground_e2e.py': 21,
-                'test_course_command.py': 20, 'test_flow.py': 18, 'test_finetune.py': 18, 'test_wheel.py': 16,
-                'test_shapes.py': 16, 'test_controlnet.py': 16, 'test_distill.py': 10, 'test_speed.py': 9, 'test_core.py': 7,
+FILE_SECONDS = {'test_trainers_resume.py': 43, 'test_finetune.py': 23, 'test_docs_build.py': 21, 'test_docs_html.py': 19,
+                'test_playground_e2e.py': 18, 'test_flow.py': 17, 'test_shapes.py': 16, 'test_controlnet.py': 15,
+                'test_distill.py': 13, 'test_course_command.py': 11, 'test_wheel.py': 11, 'test_speed.py': 9, 'test_core.py': 7,
                 'test_img2img.py': 5}
-EACH_TEST_SECONDS = {
-    'test_run_all.py': {'05_finetuning': 80, '06_inside': 60, '07_few_steps': 55, '01_pipelines': 45, '09_flow': 39,
-                        '02_guidance': 37, '08_controlnet': 26, '04_inpainting': 21, '03_img2img': 19, None: 30},
-    'test_notebooks.py': {'00a_lib_shapes': 11, '11_tool_speed': 7, '00g_lib_embedded': 5, '00f_lib_training': 4,
-                          '00e_lib_core': 3, None: 1}}
+EACH_TEST_SECONDS = {   # the lessons in warm kernels (tests/test_run_all.py); the first on each worker also starts its server
+    'test_run_all.py': {'05_finetuning': 60, '06_inside': 55, '07_few_steps': 42, '09_flow': 28, '01_pipelines': 27,
+                        '02_guidance': 24, '08_controlnet': 20, '03_img2img': 11, '04_inpainting': 11, None: 30},
+    'test_notebooks.py': {'00a_lib_shapes': 8, '00g_lib_embedded': 5, '00f_lib_training': 4, '00e_lib_core': 3,
+                          '11_tool_speed': 3, None: 1}}
 
 
 def _seconds(file, test=None) -> float:
