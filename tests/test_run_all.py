@@ -2,9 +2,10 @@
 
 Each lesson runs top to bottom in a fresh kernel through nbclient (not nbdev's runner: no cell is skipped and no tag
 is honoured), with CUDA hidden, the Hugging Face Hub offline and the kernel's working folder in nbs/, as on a laptop
-without a GPU or internet. The kernel is a fork of a process that has already imported torch (tools/warm_kernel.py:
-about 6 s of one core saved per lesson); the tests at the end check that it is otherwise the kernel a student gets. Cells for a real checkpoint must skip themselves there with one printed line, and no
-cell may print warning spam. `make render` uses the same execution (tools/render.py) to write the outputs that are
+without a GPU or internet. Cells for a real checkpoint must skip themselves there with one printed line, and no cell
+may print warning spam. The kernel is a fork of a process that has already imported torch and scipy
+(tools/warm_kernel.py: about 8 s of one core saved per lesson); the tests at the end check that it is otherwise the
+kernel a student gets. `make render` uses the same execution (tools/render.py) to write the outputs that are
 committed; tests/test_notebooks.py leaves the lessons to this test, so each notebook runs once in `make test`.
 """
 import os, re, sys
@@ -67,7 +68,7 @@ def test_lesson_runs_as_committed_without_a_gpu(nb, warm):
 
 # ---- the warm kernels are the kernels a student gets, but for torch already in memory ----------------------------------
 FIRST_CELL = """import os, sys
-print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))
+print(sorted(m for m in ('torch', 'numpy', 'scipy') if m in sys.modules))
 print(sorted(m for m in ('fastcore', 'tqdm.auto', 'matplotlib', 'huggingface_hub', 'transformers', 'diffusers', 'sd_intro')
              if m in sys.modules), sys.path, [a if not a.endswith('.json') else 'CONNECTION' for a in sys.argv], os.getcwd(),
       sorted(os.environ), os.environ['HF_HUB_OFFLINE'], repr(os.environ['CUDA_VISIBLE_DEVICES']))"""
@@ -92,7 +93,7 @@ def test_a_warm_kernel_is_a_students_kernel_with_torch_imported(warm):
     (loaded, first), second = warm_says[0].split('\n'), warm_says[1]
     # torch came warm; nothing that decides notebook-or-terminal when imported, nor the Hub's settings, came before the fork;
     # the rest is as in a plain kernel: sys.path, arguments, working folder, environment, and what the lesson's imports see
-    assert loaded == "['numpy', 'torch']" and plain_says[0].split('\n')[0] == '[]', (loaded, plain_says)
+    assert loaded == "['numpy', 'scipy', 'torch']" and plain_says[0].split('\n')[0] == '[]', (loaded, plain_says)
     assert (first, second) == (plain_says[0].split('\n')[1], plain_says[1]), (warm_says, plain_says)
     assert first.startswith("[] ['") and first.endswith("] 1 ''"), first
     threads = kernel_threads() or int(os.environ.get('OMP_NUM_THREADS', 0)) or None

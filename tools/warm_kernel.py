@@ -1,12 +1,13 @@
 """Jupyter kernels that start with torch already imported: forks of a server that imported it once.
 
 `make test` runs every lesson top to bottom in a fresh kernel, side by side on one core each, and a kernel's first
-seconds go to importing torch (with `torch._dynamo`, which diffusers imports: about 6 s of one core, nine times). A fork
-server pays that once per test worker; each kernel is a fork of it, started by the same ipykernel with the same
-arguments, environment and working folder, so every cell runs as committed and prints what it prints in a plain kernel.
+seconds go to importing torch (with `torch._dynamo`, which diffusers imports) and the parts of scipy that transformers
+imports: about 8 s of one core, nine times. A fork server pays that once per test worker; each kernel is a fork of it,
+started by the same ipykernel with the same arguments, environment and working folder, so every cell runs as committed
+and prints what it prints in a plain kernel.
 
-Only modules that do not look at their surroundings when imported are imported before the fork: torch, numpy and
-ipykernel's own modules. Whatever decides between a notebook and a terminal at import time (fastcore's `IN_NOTEBOOK`,
+Only modules that do not look at their surroundings when imported are imported before the fork: torch, numpy, scipy
+and ipykernel's own modules. Whatever decides between a notebook and a terminal at import time (fastcore's `IN_NOTEBOOK`,
 `tqdm.auto`, matplotlib's backend) and whatever reads the Hub's settings (huggingface_hub, transformers, diffusers, the
 course) is first imported by the lesson, inside the kernel, as in a student's.
 
@@ -23,7 +24,8 @@ from __future__ import annotations
 import json, os, signal, socket, subprocess, sys, tempfile, threading
 from pathlib import Path
 
-WARM = ('numpy', 'torch', 'torch._dynamo', 'ipykernel.kernelapp')   # imported once, before any fork
+WARM = ('numpy', 'torch', 'torch._dynamo', 'scipy.optimize', 'scipy.stats', 'scipy.spatial.transform',   # once, before any fork
+        'ipykernel.kernelapp')
 
 
 def _read_line(conn) -> bytes:
