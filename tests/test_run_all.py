@@ -46,9 +46,13 @@ def kernel_threads():
 
 @pytest.fixture(scope='session')   # (not per module: `make test` deals the lessons out among other files' tests)
 def warm():
-    "Kernels forked from a process that has imported torch, in the lessons' environment."
+    "Kernels forked from a process that has imported torch, in the lessons' environment (Linux; elsewhere None: plain kernels)."
+    if not warm_kernel.SUPPORTED: yield None; return
     with warm_kernel.WarmKernels(render.kernel_env(threads=kernel_threads())) as w:
         yield w
+
+
+needs_warm = pytest.mark.skipif(not warm_kernel.SUPPORTED, reason=warm_kernel.UNSUPPORTED)
 
 
 def test_there_are_lessons():
@@ -57,7 +61,7 @@ def test_there_are_lessons():
 
 @pytest.mark.parametrize('nb', render.lessons(), ids=lambda p: p.stem)
 def test_lesson_runs_as_committed_without_a_gpu(nb, warm):
-    out, secs = render.execute(nb, threads=kernel_threads(), kernel_manager_class=warm.manager_class())   # raises nbclient's CellExecutionError, naming the cell, on any error
+    out, secs = render.execute(nb, threads=kernel_threads(), kernel_manager_class=warm and warm.manager_class())   # raises nbclient's CellExecutionError, naming the cell, on any error
     gpu = [c for c in out['cells'] if c['cell_type'] == 'code' and re.search(r'^#\|\s*gpu', ''.join(c['source']), re.M)]
     for c in gpu:
         text = stream_text(c).strip()
@@ -88,6 +92,7 @@ def kernel_says(kernel_manager_class=None) -> tuple[str, str]:
     return tuple(stream_text(c).strip() for c in nb['cells'])
 
 
+@needs_warm
 def test_a_warm_kernel_is_a_students_kernel_with_torch_imported(warm):
     warm_says, plain_says = kernel_says(warm.manager_class()), kernel_says()
     (loaded, first), second = warm_says[0].split('\n'), warm_says[1]
@@ -118,6 +123,7 @@ def _alive(pid) -> bool:
     except ProcessLookupError: return False
 
 
+@needs_warm
 def test_a_warm_kernel_is_interrupted_and_ends_with_its_process(warm):
     import signal, time
     km, kc, pid = _kernel(warm)

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json, os, signal, socket, subprocess, sys, tempfile, threading
 from pathlib import Path
 
+# Linux only: macOS forbids forking a process that has loaded its system frameworks (torch does), Windows cannot fork
+SUPPORTED = sys.platform.startswith('linux')
+UNSUPPORTED = f"warm kernels fork a process, which is safe on Linux only (this is {sys.platform}): the lessons run in plain kernels"
 WARM = ('numpy', 'torch', 'torch._dynamo', 'scipy.optimize', 'scipy.stats', 'scipy.spatial.transform',   # once, before any fork
         'ipykernel.kernelapp')
 
@@ -108,6 +111,7 @@ class WarmKernels:
         self.env, self.timeout, self.proc = dict(env), timeout, None
 
     def __enter__(self):
+        if not SUPPORTED: raise RuntimeError(UNSUPPORTED)
         self.dir = tempfile.mkdtemp(prefix='warm-kernel-')
         self.path = os.path.join(self.dir, 'socket')
         self.proc = subprocess.Popen([sys.executable, __file__, 'serve', self.path], env=self.env,
