@@ -106,9 +106,9 @@ def kernel(path: str, cmd: list[str]):
 
 
 class WarmKernels:
-    "A fork server for kernels in the environment `env` (`with WarmKernels(env) as w`: `w.manager()` starts one kernel)."
-    def __init__(self, env: dict, timeout: float = 120):
-        self.env, self.timeout, self.proc = dict(env), timeout, None
+    "A fork server for kernels in the environment `env` (`with WarmKernels(env) as w`: nbclient's kernel_manager_class=w.manager_class())."
+    def __init__(self, env: dict):
+        self.env, self.proc = dict(env), None
 
     def __enter__(self):
         if not SUPPORTED: raise RuntimeError(UNSUPPORTED)
