@@ -4,7 +4,7 @@
 
 # %% ../nbs/00g_lib_embedded.ipynb #1b3e51b5
 from __future__ import annotations
-import argparse, json, math, os, random, shutil, time, copy
+import json, math, random, shutil, time, copy
 import sd_intro
 from pathlib import Path
 import numpy as np
@@ -16,7 +16,7 @@ from .shapes import (Scene, COLOURS, SHAPES, BASE_SHAPES, HELD_OUT, STYLES, SIZE
                              random_scene, render, caption, parse_caption, to_tensor, train_judge, judge, adherence,
                              POSITION_WORDS, layout_spread, ANY_TURN, with_article)
 from .core import atomic_dir, atomic_file, save_pipeline, check_device
-from .training import EMA, train_loop, save_checkpoint, resume_from, run_lock, refuse_older_checkpoint, save_state, load_state
+from .training import EMA, train_loop, save_checkpoint, resume_from, run_lock, refuse_older_checkpoint
 _all_ = ['EMA']   # the training loop's (diffusers' EMAModel); still importable from here
 
 # %% auto #0

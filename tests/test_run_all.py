@@ -84,12 +84,9 @@ print(IN_NOTEBOOK, issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm), __name__, tor
 def kernel_says(kernel_manager_class=None) -> tuple[str, str]:
     "What the two cells above print in a kernel started by `kernel_manager_class` (default: a plain one)."
     import nbformat
-    from nbclient import NotebookClient
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(FIRST_CELL), nbformat.v4.new_code_cell(SECOND_CELL)])
-    NotebookClient(nb, kernel_name='python3', resources={'metadata': {'path': str(render.NBS)}},
-                   **({'kernel_manager_class': kernel_manager_class} if kernel_manager_class else {})
-                   ).execute(env=render.kernel_env(threads=kernel_threads()))
-    return tuple(stream_text(c).strip() for c in nb['cells'])
+    out, _ = render.execute(nb, threads=kernel_threads(), kernel_manager_class=kernel_manager_class)
+    return tuple(stream_text(c).strip() for c in out['cells'])
 
 
 @needs_warm

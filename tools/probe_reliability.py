@@ -75,6 +75,17 @@ FT = dict(method='lora', steps=3, checkpoint_every=1, batch_size=2, lr=1e-3, pro
           validation_prompts=['a creature', PROMPT], validation_steps=2)
 TINY = dict(steps=3, batch_size=2, n_images=8, anchor_pairs=4, rank=2, ckpt_every=1)
 
+
+def stopped_distill(out: Path) -> Path:
+    "A TINY distillation into `out` stopped during its third step; its work folder (with the checkpoints of steps 1 and 2)."
+    from sd_intro.distill import distill
+    class Stop(Exception): pass
+    def stop(m):
+        if m.startswith('step 2'): raise Stop
+    try: distill(out, log=stop, **TINY)
+    except Stop: pass
+    return out.with_name(out.name + '-work')
+
 # ---- trainers ------------------------------------------------------------------------------------------------
 
 @probe('trainers: resume')
@@ -119,12 +130,8 @@ def embedded_unet_stage_resumes_bit_identically():
 def distill_resumes_bit_identically():
     from safetensors.torch import load_file
     from sd_intro.distill import distill
-    class Stop(Exception): pass
-    def stop(m):
-        if m.startswith('step 2'): raise Stop
     w = distill(T / 'd-whole', log=None, **TINY)
-    try: distill(T / 'd-cut', log=stop, **TINY)
-    except Stop: pass
+    stopped_distill(T / 'd-cut')
     c = distill(T / 'd-cut', log=None, **TINY)
     a, b = (load_file(p / 'pytorch_lora_weights.safetensors') for p in (w, c))
     return all(torch.equal(a[k], b[k]) for k in a), 'LoRA equal'
@@ -162,12 +169,7 @@ def finetune_lora_folder_keeps_user_files():
 def distill_checkpoint_is_not_unpickled():
     from sd_intro.distill import distill
     from sd_intro.training import checkpoints
-    work, marker = T / 'evil-work', T / 'ran1'
-    class Stop(Exception): pass
-    def stop(m):
-        if m.startswith('step 2'): raise Stop
-    try: distill(T / 'evil', work=work, log=stop, **TINY)
-    except Stop: pass
+    work, marker = stopped_distill(T / 'evil'), T / 'ran1'
     for ck in checkpoints(work): torch.save({'optimizer': Evil(marker)}, ck / 'optimizer.pt')
     try: distill(T / 'evil', work=work, log=None, **TINY)
     except Exception: pass
@@ -200,26 +202,16 @@ def finetune_optimizer_file_is_not_unpickled():
 @probe('trainers: damaged or edited state')
 def distill_truncated_checkpoint_is_named():
     from sd_intro.distill import distill
-    class Stop(Exception): pass
-    def stop(m):
-        if m.startswith('step 2'): raise Stop
-    try: distill(T / 'trunc', log=stop, **TINY)
-    except Stop: pass
     from sd_intro.training import checkpoints
-    for ck in checkpoints(T / 'trunc-work'): (ck / 'trainable.safetensors').write_bytes((ck / 'trainable.safetensors').read_bytes()[:1000])
+    for ck in checkpoints(stopped_distill(T / 'trunc')): (ck / 'trainable.safetensors').write_bytes((ck / 'trainable.safetensors').read_bytes()[:1000])
     return refused(lambda: distill(T / 'trunc', log=None, **TINY), 'trainable.safetensors', 'delete')
 
 
 @probe('trainers: damaged or edited state')
 def distill_edited_step_is_named():
     from sd_intro.distill import distill
-    class Stop(Exception): pass
-    def stop(m):
-        if m.startswith('step 2'): raise Stop
-    try: distill(T / 'edit', log=stop, **TINY)
-    except Stop: pass
     from sd_intro.training import checkpoints
-    for ck in checkpoints(T / 'edit-work'):
+    for ck in checkpoints(stopped_distill(T / 'edit')):
         f = ck / 'state.json'; st = json.loads(f.read_text()); st['step'] += 1; f.write_text(json.dumps(st))
     return refused(lambda: distill(T / 'edit', log=None, **TINY), 'state.json', 'delete')
 

@@ -51,15 +51,15 @@ def kernel_env(quiet: bool = False, threads: int | None = None) -> dict:
     return env
 
 
-def execute(path: Path, timeout: int = 900, quiet: bool = False, threads: int | None = None, kernel_manager_class=None):
-    """Run `path` top to bottom in a fresh kernel (cwd nbs/, `kernel_env(quiet)`): the executed notebook and the seconds taken.
-    `kernel_manager_class`: how the kernel starts (default: jupyter_client's, a new process; the tests pass
-    `warm_kernel.WarmKernels.manager_class()`, a fork of a process that has imported torch)."""
+def execute(path, timeout: int = 900, quiet: bool = False, threads: int | None = None, kernel_manager_class=None):
+    """Run `path` (a notebook file, or a notebook itself: run in nbs/) top to bottom in a fresh kernel (cwd its folder,
+    `kernel_env(quiet)`): the executed notebook and the seconds taken. `kernel_manager_class`: how the kernel starts
+    (default: jupyter_client's, a new process; the tests pass `warm_kernel.WarmKernels.manager_class()`, a fork of a
+    process that has imported torch)."""
     import nbformat
     from nbclient import NotebookClient
-    nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name='python3',
-                            resources={'metadata': {'path': str(path.parent)}},
+    nb, folder = (path, NBS) if isinstance(path, dict) else (nbformat.read(path, as_version=4), Path(path).parent)
+    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(folder)}},
                             **({'kernel_manager_class': kernel_manager_class} if kernel_manager_class else {}))
     t0 = time.time()
     client.execute(env=kernel_env(quiet, threads))
